@@ -1,0 +1,5 @@
+import sys
+
+from proxyd.cli import main
+
+sys.exit(main())
