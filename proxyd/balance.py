@@ -1,0 +1,87 @@
+"""Server selection: roundrobin (smooth weighted), leastconn, source, random, first.
+
+Each worker balances on its own.  Backup servers are used only when no
+active (non-backup) server is usable.  A server with weight 0 gets nothing
+unless every usable server has weight 0.  `tried` lets a retry go to a
+server not yet attempted for this session when there is one.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from proxyd.config import BackendConfig, ServerConfig
+
+
+class Server:
+    """A server as one worker sees it: its config and its live counts."""
+
+    __slots__ = ("config", "name", "sockaddr", "family", "weight", "active", "current", "up")
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.name = config.name
+        self.sockaddr = config.address.sockaddr
+        self.family = config.address.family
+        self.weight = config.weight
+        self.active = 0     # sessions connected or connecting to it, in this worker
+        self.current = 0    # smooth weighted round robin state
+        self.up = True
+
+    def usable(self) -> bool:
+        return self.up and (self.config.maxconn == 0 or self.active < self.config.maxconn)
+
+
+class Balancer:
+    def __init__(self, backend: BackendConfig):
+        self.backend = backend
+        self.servers = [Server(s) for s in backend.servers]
+        self.pick = getattr(self, "_" + backend.balance)
+        self._next_first = 0
+
+    def candidates(self, tried) -> list[Server]:
+        for backup in (False, True):
+            pool = [s for s in self.servers if s.config.backup == backup and s.usable()]
+            fresh = [s for s in pool if s not in tried]
+            pool = fresh or pool
+            if pool:
+                weighted = [s for s in pool if s.weight > 0]
+                return weighted or pool
+        return []
+
+    def choose(self, client_ip: str, tried=()) -> Server | None:
+        pool = self.candidates(tried)
+        return self.pick(pool, client_ip) if pool else None
+
+    # --------------------------------------------------------- algorithms
+    def _roundrobin(self, pool, client_ip):
+        # nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a,
+        # never long runs on one server.
+        total = 0
+        best = None
+        for server in pool:
+            weight = server.weight or 1
+            server.current += weight
+            total += weight
+            if best is None or server.current > best.current:
+                best = server
+        best.current -= total
+        return best
+
+    def _leastconn(self, pool, client_ip):
+        return min(pool, key=lambda s: (s.active / (s.weight or 1), s.current)) if pool else None
+
+    def _source(self, pool, client_ip):
+        # Hash of the client address over the weighted pool: the same client
+        # lands on the same server while the set of usable servers is unchanged.
+        slots = [s for s in pool for _ in range(s.weight or 1)]
+        return slots[zlib.crc32(client_ip.encode()) % len(slots)]
+
+    def _random(self, pool, client_ip):
+        return random.choices(pool, weights=[s.weight or 1 for s in pool])[0]
+
+    def _first(self, pool, client_ip):
+        # The first server (in config order) with a free slot: fills servers one
+        # by one, so unused ones can be powered down (HAProxy's "first").
+        return pool[0]

@@ -1,0 +1,138 @@
+"""Command line: proxyd -c FILE [-D] [-p PIDFILE] [--check] | --version."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from proxyd import __version__, config as config_module
+from proxyd.listeners import BindError, Listeners
+from proxyd.log import Log
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="proxyd", description="TCP and HTTP/1.1 reverse proxy")
+    parser.add_argument("-c", dest="config", metavar="FILE", help="configuration file (TOML)")
+    parser.add_argument("-D", dest="daemon", action="store_true", help="run in the background")
+    parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the master's pid here")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"proxyd {__version__}")
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("-c FILE is required")
+    return args
+
+
+def fail(message: str) -> int:
+    print(f"proxyd: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Absolute paths: a daemon runs from /, and a reload re-reads the same file.
+    args.config = os.path.abspath(args.config)
+    try:
+        config = config_module.load(args.config)
+        check_accounts(config)
+    except config_module.ConfigError as e:
+        return fail(str(e))
+    if args.check:
+        print(f"proxyd: {args.config}: configuration is valid")
+        return 0
+    pidfile = args.pidfile or config.global_.pidfile
+    pidfile = pidfile and os.path.abspath(pidfile)
+    try:
+        log = Log(config.global_.log, config.global_.log_level)
+    except OSError as e:
+        return fail(f"{args.config}: global.log: cannot open {config.global_.log}: {e.strerror or e}")
+    if pidfile:
+        running = running_pid(pidfile)
+        if running:
+            return fail(f"already running (pid {running}, from {pidfile})")
+    listeners = Listeners()
+    try:
+        listeners.bind(config, config.global_.workers)
+    except BindError as e:
+        return fail(f"{args.config}: {e}")
+    if args.daemon:
+        if config.global_.log == "stderr":
+            print("proxyd: note: with -D, log = \"stderr\" goes to /dev/null; "
+                  "set global.log to a file or syslog", file=sys.stderr)
+        daemonize()
+        log.set_tag("proxyd")
+    if pidfile:
+        write_pidfile(pidfile)
+    from proxyd.master import Master
+
+    try:
+        return Master(config, log, listeners, f"-c {args.config}").run()
+    finally:
+        if pidfile and os.getpid() == read_pid(pidfile):
+            os.unlink(pidfile)
+
+
+def check_accounts(config) -> None:
+    """user/group must exist now, not fail later in every worker."""
+    import grp
+    import pwd
+
+    if config.global_.user:
+        try:
+            pwd.getpwnam(config.global_.user)
+        except KeyError:
+            raise config_module.ConfigError("global.user", f"no such user {config.global_.user!r}",
+                                            config.filename) from None
+    if config.global_.group:
+        try:
+            grp.getgrnam(config.global_.group)
+        except KeyError:
+            raise config_module.ConfigError("global.group", f"no such group {config.global_.group!r}",
+                                            config.filename) from None
+
+
+def read_pid(pidfile: str) -> int:
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def running_pid(pidfile: str) -> int:
+    """The pid in PIDFILE if that process is alive, else 0 (a stale file is taken over)."""
+    pid = read_pid(pidfile)
+    if pid <= 0 or pid == os.getpid():
+        return 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return 0
+    except PermissionError:
+        return pid
+    return pid
+
+
+def write_pidfile(pidfile: str) -> None:
+    """Written atomically: a reader never sees an empty or half-written file."""
+    tmp = f"{pidfile}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+
+
+def daemonize() -> None:
+    """Double fork, new session, umask 022, cwd /, stdio to /dev/null."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.umask(0o022)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)

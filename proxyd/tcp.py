@@ -1,0 +1,504 @@
+"""A TCP-mode session: one client, one server, two one-way pumps.
+
+Bytes move socket -> pipe -> socket with os.splice and never enter Python.
+Pipes come from the worker's pool when there is something to move and go
+back as soon as they are empty, so an idle session holds two sockets and
+nothing else.
+
+How a session ends (PRODUCT.md, "TCP mode"):
+
+* half_close = false (default): the client's FIN ends the session.  What the
+  client sent is flushed to the server, then we wait until the server has
+  acknowledged every byte (TIOCOUTQ == 0, bounded by timeout_server) while
+  still relaying what the server sends; then we take what sits in the
+  server socket's receive queue at that moment (FIONREAD), deliver it to the
+  client, and reset the server socket.  Passing the FIN on instead would
+  leave our socket in TIME_WAIT when the server answers with its own FIN.
+* half_close = true: each FIN is passed on with shutdown(SHUT_WR) once the
+  pipe towards that peer is empty; the session ends when both directions are
+  closed.
+* The server closing first: its FIN is passed to the client, and the server
+  socket is closed plainly when the session ends (the TIME_WAIT is theirs).
+* The proxy ending a session itself (timeout, error, stop): server reset.
+
+A pump that hits EAGAIN remembers which end is blocked: `readable` false on
+its source (socket empty) or `writable` false on its destination (socket
+full).  The pipe is only filled when it is empty, so an EAGAIN from a fill
+always means "socket empty", never "pipe full".
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+
+from proxyd.loop import IN, OUT, TROUBLE
+
+CONNECTING, RELAYING, ACK_WAIT, DRAINING, CLOSED = "connecting", "relaying", "ack-wait", "draining", "closed"
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+CHUNK = 1 << 20          # ask for this much per call; the pipe's capacity caps it
+BUDGET = 4 << 20         # bytes one pump may move per wake-up before others get a turn
+ACK_POLL_FIRST = 0.001   # first wait for the server's ACKs; doubles up to ACK_POLL_MAX
+ACK_POLL_MAX = 0.05
+LINGER_RST = struct.pack("ii", 1, 0)
+INF = float("inf")
+ZERO = bytes(4)
+# Errors on connect() that say "this server, now" rather than "this session":
+RESOURCE_ERRORS = {errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class PeerError(Exception):
+    """A socket failed (reset, broken pipe): SIDE tells which peer."""
+
+    def __init__(self, side: "Side", err: int):
+        self.side = side
+        self.err = err
+
+
+class Side:
+    """One socket of a session and what we know of its readiness."""
+
+    __slots__ = ("sock", "fd", "readable", "writable", "seen", "shut")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.readable = False
+        self.writable = False
+        self.seen = now     # last time bytes moved from or to this peer
+        self.shut = False   # we sent it our FIN
+
+    def shutdown(self) -> None:
+        """Pass a FIN on to this peer (once)."""
+        if not self.shut:
+            self.shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # already gone: the pumps will see it
+
+
+class Pump:
+    """Moves bytes one way, SRC -> pipe -> DST, with os.splice."""
+
+    __slots__ = ("src", "dst", "pool", "pipe", "queued", "moved", "ended", "fin", "limit")
+
+    def __init__(self, src: Side, dst: Side, pool):
+        self.src = src
+        self.dst = dst
+        self.pool = pool
+        self.pipe = None       # (read fd, write fd) while bytes are in flight
+        self.queued = 0        # bytes read from src, not yet written to dst
+        self.moved = 0         # bytes delivered to dst
+        self.ended = False     # nothing more will be read from src
+        self.fin = False       # ...because src sent its FIN
+        self.limit = -1        # bytes still to read before ending; -1 = no limit
+
+    def run(self, now: float) -> bool:
+        """Move what can move now; True if stopped by the budget with more to do."""
+        src, dst = self.src, self.dst
+        budget = BUDGET
+        while True:
+            if self.queued:
+                if not dst.writable:
+                    return False
+                try:
+                    n = self._flush()
+                except BlockingIOError:
+                    dst.writable = False
+                    return False
+                except OSError as e:
+                    raise PeerError(dst, e.errno) from None
+                self.queued -= n
+                self.moved += n
+                budget -= n
+                dst.seen = now
+                continue
+            if self.ended or not src.readable:
+                break
+            if budget <= 0:
+                self._release()
+                return True
+            try:
+                n = self._fill(CHUNK if self.limit < 0 else min(CHUNK, self.limit))
+            except BlockingIOError:
+                src.readable = False
+                break
+            except OSError as e:
+                raise PeerError(src, e.errno) from None
+            if n == 0:
+                self.ended = self.fin = True
+                break
+            src.seen = now
+            self.queued = n
+            if self.limit > 0:
+                self.limit -= n
+                self.ended = self.limit == 0
+        self._release()
+        return False
+
+    def stop_reading(self, limit: int = 0) -> None:
+        """Read at most LIMIT more bytes from the source, then end."""
+        if limit <= 0:
+            self.ended = True
+        else:
+            self.limit = limit
+
+    def discard(self) -> None:
+        """The destination is gone: drop what is queued and read nothing more."""
+        self.ended = True
+        self.queued = 0
+        self._release()
+
+    # The two primitives a copying pump replaces.
+    def _fill(self, size: int) -> int:
+        if self.pipe is None:
+            self.pipe = self.pool.get()
+        return os.splice(self.src.fd, self.pipe[1], size, flags=SPLICE_FLAGS)
+
+    def _flush(self) -> int:
+        return os.splice(self.pipe[0], self.dst.fd, self.queued, flags=SPLICE_FLAGS)
+
+    def _release(self) -> None:
+        if self.pipe is not None and not self.queued:
+            self.pool.put(self.pipe)
+            self.pipe = None
+
+    def close(self) -> None:
+        """Session over: an empty pipe goes back to the pool, a dirty one is closed."""
+        if self.pipe is not None:
+            self.pool.discard(self.pipe) if self.queued else self.pool.put(self.pipe)
+            self.pipe = None
+
+
+class CopyPump(Pump):
+    """The fallback: recv_into / send through a buffer, when splice cannot serve."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self, src: Side, dst: Side, pool):
+        super().__init__(src, dst, pool)
+        self.offset = 0
+
+    def _fill(self, size: int) -> int:
+        if self.pipe is None:
+            self.pipe = self.pool.get()
+        self.offset = 0
+        return self.src.sock.recv_into(self.pipe, min(size, len(self.pipe)))
+
+    def _flush(self) -> int:
+        n = self.dst.sock.send(memoryview(self.pipe)[self.offset:self.offset + self.queued])
+        self.offset += n
+        return n
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pool.put(self.pipe)
+            self.pipe = None
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return int.from_bytes(fcntl.ioctl(fd, request, ZERO), "little", signed=True)
+
+
+class TcpSession:
+    """One proxied TCP connection, from accept to the access-log line."""
+
+    __slots__ = (
+        "worker", "loop", "frontend", "backend", "client", "server", "peer", "server_ref",
+        "up", "down", "state", "tried", "started", "attempt_started", "connect_ms",
+        "timer_at", "ack_poll", "unacked", "term", "err", "on_client", "on_server",
+    )
+
+    def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
+        loop = worker.loop
+        self.worker = worker
+        self.loop = loop
+        self.frontend = frontend
+        self.backend = frontend.backend
+        self.client = Side(sock, loop.now)
+        self.server: Side | None = None
+        self.peer = peer
+        self.server_ref = None   # balance.Server we are connected/connecting to
+        self.up: Pump | None = None
+        self.down: Pump | None = None
+        self.state = CONNECTING
+        self.tried: list = []
+        self.started = loop.now
+        self.attempt_started = loop.now
+        self.connect_ms = -1
+        self.timer_at = INF
+        self.ack_poll = ACK_POLL_FIRST
+        self.unacked = -1
+        self.term = ""
+        self.err = ""
+        self.on_client = self._client_ready
+        self.on_server = self._server_ready
+        loop.add(self.client.fd, self.on_client)
+        worker.session_opened(self)
+        self._connect()
+
+    # ------------------------------------------------------------ connecting
+    def _connect(self) -> None:
+        while True:
+            server = self.backend.balancer.choose(self.peer[0], self.tried)
+            if server is None:
+                return self._end("SC", "no server available")
+            self.tried.append(server)
+            self.attempt_started = self.loop.now
+            try:
+                sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC)
+            except OSError as e:
+                return self._end("RC", errno.errorcode.get(e.errno, str(e.errno)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result = sock.connect_ex(server.sockaddr)
+            if result in (0, errno.EINPROGRESS):
+                break
+            sock.close()
+            if not self._may_retry(result):
+                return
+        server.active += 1
+        self.server_ref = server
+        self.server = Side(sock, self.loop.now)
+        self.loop.add(self.server.fd, self.on_server)
+        self._arm(self.loop.now + self.backend.config.timeout_connect)
+
+    def _may_retry(self, err: int, code: str = "") -> bool:
+        """A connect attempt failed: True if another may be made."""
+        if len(self.tried) <= self.backend.config.retries:
+            return True
+        code = code or ("RC" if err in RESOURCE_ERRORS else "SC")
+        self._end(code, errno.errorcode.get(err, str(err)))
+        return False
+
+    def _connect_failed(self, err: int, code: str = "") -> None:
+        server, self.server = self.server, None
+        self.loop.forget(server.fd)
+        server.sock.close()  # never established: no TIME_WAIT, nothing to reset
+        self.server_ref.active -= 1
+        self.server_ref = None
+        if self._may_retry(err, code):
+            self._connect()
+
+    def _connected(self, mask: int) -> None:
+        now = self.loop.now
+        self.state = RELAYING
+        self.connect_ms = int((now - self.started) * 1000)
+        server, client = self.server, self.client
+        server.writable = True
+        server.readable = bool(mask & IN)
+        server.seen = client.seen = now
+        client.writable = True
+        pool = self.worker.pipes
+        pump = Pump if self.worker.splice else CopyPump
+        self.up = pump(client, server, pool)
+        self.down = pump(server, client, pool)
+        self._progress()
+
+    # ------------------------------------------------------------ events
+    def _client_ready(self, mask: int) -> None:
+        client = self.client
+        if mask & TROUBLE:
+            client.readable = client.writable = True  # let the next call report the error
+            if self.state is CONNECTING:
+                return self._end("CC", "client gone")
+        if mask & IN:
+            client.readable = True
+        if mask & OUT:
+            client.writable = True
+        if self.state is not CONNECTING:
+            self._progress()
+
+    def _server_ready(self, mask: int) -> None:
+        server = self.server
+        if self.state is CONNECTING:
+            if mask & TROUBLE:
+                err = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return self._connect_failed(err or errno.ECONNREFUSED)
+            if mask & OUT:
+                self._connected(mask)
+            return
+        if mask & (IN | TROUBLE):
+            server.readable = True
+        if mask & (OUT | TROUBLE):
+            server.writable = True
+        self._progress()
+
+    # ------------------------------------------------------------ relaying
+    def _progress(self) -> None:
+        """Run both pumps, then act on what changed."""
+        if self.state is CLOSED:
+            return  # a queued continuation of a session that has ended since
+        up, down = self.up, self.down
+        now = self.loop.now
+        try:
+            more = up.run(now)
+            more = down.run(now) or more
+        except PeerError as e:
+            return self._peer_failed(e)
+        if more:
+            self.loop.soon(self._progress)
+        if self.state is CLOSED:
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        up, down = self.up, self.down
+        if not self.term:
+            self.term = "CD" if up.fin else "SD" if down.fin else ""
+        up_done = up.ended and not up.queued
+        down_done = down.ended and not down.queued
+        if down_done and down.fin:
+            self.client.shutdown()                 # pass the server's FIN on
+        half_close = self.frontend.config.half_close
+        if up_done and (down.fin or half_close) and not down_done:
+            self.server.shutdown()                 # pass the client's FIN on
+        if up_done and down_done:
+            if down.fin:
+                return self._finish(reset_server=False)
+        elif not (up_done and not down.fin and not half_close):
+            return                                 # still relaying
+        # The server socket will be reset: first it must hold every byte we sent.
+        if self.state is RELAYING:
+            self.state = ACK_WAIT
+            self._check_acks()
+        elif self.state is DRAINING and down_done:
+            self._finish(reset_server=True)
+
+    def _check_acks(self) -> None:
+        """Client has closed (default mode): reset the server once it has every byte."""
+        unacked = _ioctl_int(self.server.fd, termios.TIOCOUTQ)
+        if unacked:
+            if unacked != self.unacked:
+                self.unacked = unacked
+                self.server.seen = self.loop.now  # the server is making progress
+            self._arm(self.loop.now + self.ack_poll)
+            self.ack_poll = min(self.ack_poll * 2, ACK_POLL_MAX)
+            return
+        # Everything acknowledged.  Deliver what the server had already sent,
+        # as it stands in the socket now, then the session ends with a reset.
+        self.state = DRAINING
+        if not self.down.ended:
+            self.down.stop_reading(_ioctl_int(self.server.fd, termios.FIONREAD))
+        self._progress()
+
+    def _peer_failed(self, e: PeerError) -> None:
+        """A peer reset or vanished: save what can be saved for the other one."""
+        self.err = errno.errorcode.get(e.err, str(e.err))
+        up, down = self.up, self.down
+        if e.side is self.client:
+            self.term = self.term or "CD"
+            down.discard()       # nobody to deliver it to
+            up.stop_reading()    # what was read still goes to the server
+        else:
+            self.term = self.term or "SD"
+            up.discard()
+            down.stop_reading()
+            down.fin = True      # the server is gone: no reset needed, nor possible
+        self._progress()
+
+    # ------------------------------------------------------------ timers
+    def _arm(self, when: float) -> None:
+        if when < self.timer_at:
+            self.timer_at = when
+            self.loop.call_at(when, self)
+
+    def on_timer(self, when: float) -> None:
+        if when != self.timer_at or self.state is CLOSED:
+            return  # stale entry: the deadline moved, or the session is over
+        self.timer_at = INF
+        now = self.loop.now
+        if self.state is ACK_WAIT:
+            self._check_acks()
+            if self.state is CLOSED:
+                return
+        expiry, code = self._expiry()
+        if now < expiry:
+            return self._arm(expiry)
+        if self.state is CONNECTING:
+            self._connect_failed(errno.ETIMEDOUT, "sC")
+        else:
+            self.err = "timeout"
+            self.term = code
+            self._finish(reset_server=True)
+
+    def _expiry(self) -> tuple[float, str]:
+        """When this session times out in its current state, and the code it gets."""
+        if self.state is CONNECTING:
+            return self.attempt_started + self.backend.config.timeout_connect, "sC"
+        client, server = self.client, self.server
+        timeout_server = self.backend.config.timeout_server
+        if self.state is ACK_WAIT:
+            return server.seen + timeout_server, "sD"
+        if self.up.ended or self.down.ended:
+            # Half-closed: whichever side is still open has timeout_fin to finish.
+            waiting_for = "sD" if self.up.ended else "cD"
+            return max(client.seen, server.seen) + self.frontend.config.timeout_fin, waiting_for
+        client_expiry = client.seen + self.frontend.config.timeout_client
+        server_expiry = server.seen + timeout_server
+        if client_expiry <= server_expiry:
+            return client_expiry, "cD"
+        return server_expiry, "sD"
+
+    # ------------------------------------------------------------ the end
+    def kill(self) -> None:
+        """Fast stop or grace expired: end now, server reset."""
+        if self.state is not CLOSED:
+            self.term = "K" + ("C" if self.state is CONNECTING else "D")
+            self.err = self.err or "stopped"
+            self._finish(reset_server=True)
+
+    def crash(self) -> None:
+        """An unexpected exception in this session: end it, server reset."""
+        if self.state is not CLOSED:
+            self.term = "P" + ("C" if self.state is CONNECTING else "D")
+            self.err = "internal error"
+            self._finish(reset_server=True)
+
+    def _end(self, term: str, err: str) -> None:
+        """End before any server connection was established."""
+        self.term = term
+        self.err = err
+        self._finish(reset_server=True)
+
+    def _finish(self, reset_server: bool) -> None:
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        loop = self.loop
+        server = self.server
+        if server is not None:
+            loop.forget(server.fd)
+            if reset_server:
+                try:
+                    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+                except OSError:
+                    pass
+            server.sock.close()
+            self.server_ref.active -= 1
+        loop.forget(self.client.fd)
+        self.client.sock.close()
+        up, down = self.up, self.down
+        if up is not None:
+            up.close()
+            down.close()
+        self.worker.session_closed(self)
+        self._log()
+
+    def _log(self) -> None:
+        peer = self.peer
+        client = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        server = self.tried[-1].name if self.connect_ms >= 0 else "-"
+        up = self.up.moved if self.up else 0
+        down = self.down.moved if self.down else 0
+        total = int((self.loop.now - self.started) * 1000)
+        line = (f"{client} {self.frontend.name} {self.backend.name}/{server} Tc={self.connect_ms} "
+                f"Tt={total} up={up} down={down} term={self.term or '--'}")
+        if self.err:
+            line += f" err={self.err}"
+        self.worker.log.access(line)

@@ -1,0 +1,279 @@
+"""A worker process: one epoll loop that accepts, connects and relays.
+
+Forked by the master with the listening sockets of its slot.  It never
+blocks: accept in bounded batches, non-blocking connects, splice through
+pooled pipes.  TERM/INT stop it at once (server sockets reset); QUIT makes it
+stop accepting and finish its sessions, up to `grace`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import traceback
+
+from proxyd.balance import Balancer
+from proxyd.config import BackendConfig, Config, FrontendConfig
+from proxyd.log import Log
+from proxyd.loop import IN, Loop
+from proxyd.tcp import TcpSession
+
+ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
+PIPE_POOL_KEEP = 256       # idle pipes kept for reuse (2 fds each)
+BUFFER_SIZE = 64 * 1024    # copying fallback only
+PAUSE_ON_EMFILE = 0.5      # seconds to stop accepting when out of fds
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 0              # 0 = the kernel's default (64 KiB); see docs/BENCHMARKS.md
+
+
+class PipePool:
+    """Pipes for splice, reused across sessions; a session holds one only while moving bytes."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = PIPE_POOL_KEEP):
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.size:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        return r, w
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """A pipe with bytes still in it can never be reused."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+class BufferPool:
+    """Buffers for the copying fallback, same contract as PipePool."""
+
+    def __init__(self, keep: int = PIPE_POOL_KEEP):
+        self.keep = keep
+        self.free: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        return self.free.pop() if self.free else bytearray(BUFFER_SIZE)
+
+    def put(self, buffer: bytearray) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(buffer)
+
+    discard = put
+
+
+class Backend:
+    def __init__(self, config: BackendConfig):
+        self.name = config.name
+        self.config = config
+        self.balancer = Balancer(config)
+
+
+class Frontend:
+    def __init__(self, config: FrontendConfig, backend: Backend):
+        self.name = config.name
+        self.config = config
+        self.backend = backend
+        self.listeners: list[Listener] = []
+        self.active = 0
+
+
+class Listener:
+    """A listening socket of this worker's slot; level-triggered, paused when full."""
+
+    def __init__(self, worker: "Worker", frontend: Frontend, sock: socket.socket):
+        self.worker = worker
+        self.frontend = frontend
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.worker.loop.add(self.fd, self.on_ready, IN)
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.worker.loop.remove(self.fd)
+
+    def on_ready(self, mask: int) -> None:
+        self.worker.accept(self)
+
+
+class Worker:
+    def __init__(self, config: Config, sockets: list[tuple[str, socket.socket]], log: Log,
+                 number: int, count: int, generation: int, master_pid: int, shared=None,
+                 shared_slot: int = -1):
+        self.config = config
+        self.log = log
+        self.number = number
+        self.count = count
+        self.generation = generation
+        self.master_pid = master_pid
+        self.shared = shared
+        self.shared_slot = shared_slot
+        self.loop = Loop()
+        self.loop.error_hook = self._session_crashed
+        self.loop.idle_hooks.append(log.flush)
+        self.splice = config.global_.splice and hasattr(os, "splice")
+        self.pipes = PipePool() if self.splice else BufferPool()
+        self.maxconn = config.global_.maxconn
+        self.active = 0
+        self.sessions: set = set()
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.paused_until = 0.0
+        backends = {name: Backend(b) for name, b in config.backends.items()}
+        self.frontends = {name: Frontend(f, backends[f.backend]) for name, f in config.frontends.items()}
+        self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
+        for listener in self.listeners:
+            listener.frontend.listeners.append(listener)
+
+    # ------------------------------------------------------------ running
+    def run(self) -> int:
+        self._install_signals()
+        for listener in self.listeners:
+            listener.resume()
+        self.loop.call_at(self.loop.now, self)  # first heartbeat now
+        self.log.info(f"worker {self.number}/{self.count} gen {self.generation} started, "
+                      f"{len(self.listeners)} listening sockets, "
+                      f"relaying with {'splice' if self.splice else 'copy'}")
+        while not (self.stopping and not self.sessions):
+            self.loop.run_once()
+        self.log.info(f"worker {self.number}/{self.count} gen {self.generation} exiting")
+        self.log.flush()
+        return 0
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, _no_op)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)  # the master's business
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self.loop.add(r, lambda mask: self._on_signals(os.read(r, 64)), IN)
+
+    def _on_signals(self, numbers: bytes) -> None:
+        for number in numbers:
+            if number in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+            elif number == signal.SIGQUIT:
+                self.drain(self.config.global_.grace)
+
+    def on_timer(self, when: float) -> None:
+        """Once a second: heartbeat for the master; stop if the master is gone."""
+        if self.shared is not None:
+            self.shared.beat(self.shared_slot, self.loop.now)
+        if os.getppid() != self.master_pid:
+            self.log.warning("master is gone; stopping")
+            return self.stop()
+        if self.paused_until and self.loop.now >= self.paused_until:
+            self.paused_until = 0.0
+            self._resume_accepting()
+        if self.stopping and self.loop.now >= self.stop_deadline:
+            self.log.warning(f"grace expired with {len(self.sessions)} sessions open; closing them")
+            return self.stop()
+        self.loop.call_at(self.loop.now + 1.0, self)
+
+    # ------------------------------------------------------------ stopping
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.pause()
+            listener.sock.close()
+        self.listeners = []
+        for frontend in self.frontends.values():
+            frontend.listeners = []
+
+    def drain(self, grace: float) -> None:
+        """Stop accepting; the loop ends when the last session has."""
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = self.loop.now + grace
+            self._close_listeners()
+            self.log.info(f"worker {self.number}/{self.count} gen {self.generation} draining "
+                          f"{len(self.sessions)} sessions (grace {grace:g}s)")
+
+    def stop(self) -> None:
+        """Fast stop: every session ends now, server sockets reset."""
+        self.stopping = True
+        self.stop_deadline = self.loop.now
+        self._close_listeners()
+        for session in list(self.sessions):
+            session.kill()
+
+    # ------------------------------------------------------------ accepting
+    def accept(self, listener: Listener) -> None:
+        frontend = listener.frontend
+        limit = frontend.config.maxconn
+        for _ in range(ACCEPT_BATCH):
+            if self.active >= self.maxconn or frontend.active >= limit:
+                # Leave the rest in the kernel backlog until a session ends.
+                for each in (self.listeners if self.active >= self.maxconn else frontend.listeners):
+                    each.pause()
+                return
+            try:
+                sock, peer = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_resources(e)
+                    return
+                continue  # ECONNABORTED and the like: that one client is gone
+            sock.setblocking(False)
+            TcpSession(self, frontend, sock, peer)
+
+    def _out_of_resources(self, e: OSError) -> None:
+        self.log.error(f"accept: {e.strerror}; not accepting for {PAUSE_ON_EMFILE}s")
+        for listener in self.listeners:
+            listener.pause()
+        self.paused_until = self.loop.now + PAUSE_ON_EMFILE
+
+    def _resume_accepting(self) -> None:
+        if self.stopping or self.paused_until or self.active >= self.maxconn:
+            return
+        for listener in self.listeners:
+            if listener.frontend.active < listener.frontend.config.maxconn:
+                listener.resume()
+
+    def session_opened(self, session) -> None:
+        self.sessions.add(session)
+        self.active += 1
+        session.frontend.active += 1
+
+    def session_closed(self, session) -> None:
+        self.sessions.discard(session)
+        self.active -= 1
+        frontend = session.frontend
+        frontend.active -= 1
+        if self.active == self.maxconn - 1 or frontend.active == frontend.config.maxconn - 1:
+            self._resume_accepting()
+
+    def _session_crashed(self, owner, exc: BaseException) -> None:
+        """An unexpected error: end that one session, log it, carry on."""
+        self.log.error("unexpected error, session closed:\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        crash = getattr(owner, "crash", None)
+        if crash is not None:
+            try:
+                crash()
+            except Exception as e:  # the session is beyond saving; keep the worker
+                self.log.error(f"closing the failed session failed too: {e!r}")
+
+
+def _no_op(signum, frame) -> None:
+    """Signals are read from the wake-up fd in the loop, never handled here."""
