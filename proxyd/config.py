@@ -462,7 +462,7 @@ def _section(raw: dict, keys: tuple[Key, ...], path: str, defaults: dict | None 
         elif key.default is REQUIRED:
             raise ConfigError(f"{path}.{key.name}", "missing (this key is required)")
         else:
-            values[key.name] = key.default
+            values[key.name] = key.default if key.default is None or not key.parse else key.parse(key.default, path)
             continue
         values[key.name] = key.parse(value, where) if key.parse else value
     return values
