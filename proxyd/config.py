@@ -107,7 +107,7 @@ LOG_LEVELS = ("debug", "info", "notice", "warning", "err")
 
 def log_target(raw: Any, path: str) -> str:
     value = text(raw, path)
-    if value == "stderr" or value.startswith("/") or value.startswith("syslog"):
+    if value in ("stderr", "syslog") or value.startswith(("/", "syslog:")):
         if value.startswith("syslog:") and not value[7:]:
             raise ConfigError(path, "expected \"syslog\", \"syslog:/dev/log\" or \"syslog:HOST:PORT\"")
         if value.startswith("syslog:") and not value[7:].startswith("/"):
