@@ -144,7 +144,7 @@ class Address:
         else:
             host, sep, port = raw.rpartition(":")
             host = host or "0.0.0.0"
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(path, f"{expected}, got {raw!r}")
         try:
             ip = ipaddress.ip_address(host)
