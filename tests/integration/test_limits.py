@@ -12,11 +12,17 @@ from tests.support import (LOCALHOST, connect, echo_handler, hold_handler, is_op
                            settle_towards, stays, timewait_towards, wait_closed, wait_for)
 
 
-def test_timeout_client_closes_idle_session(backend, tcp_proxy):
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_idle_timeout_closes_session(side, backend, tcp_proxy):
+    """timeout_client (term cD) or timeout_server (term sD) = 1s ends a
+    session where neither side sends anything; the server side is reset."""
     hold = backend(hold_handler)  # never sends, never closes
-    # timeout_connect far above timeout_client: a session must not wait for
+    # timeout_connect far above the idle timeout: a session must not wait for
     # the (long since met) connect deadline before its idle timeout applies.
-    proxy = tcp_proxy([hold], frontend={"timeout_client": "1s"}, backend={"timeout_connect": "30s"})
+    if side == "client":
+        proxy = tcp_proxy([hold], frontend={"timeout_client": "1s"}, backend={"timeout_connect": "30s"})
+    else:
+        proxy = tcp_proxy([hold], backend={"timeout_server": "1s", "timeout_connect": "30s"})
 
     started = time.monotonic()
     with connect(proxy.port) as client:
@@ -24,15 +30,15 @@ def test_timeout_client_closes_idle_session(backend, tcp_proxy):
         try:
             end = wait_closed(client, 10)
         except AssertionError:
-            raise AssertionError("an idle session with timeout_client = 1s is still open after 10 s") from None
+            raise AssertionError(f"an idle session with timeout_{side} = 1s is still open after 10 s") from None
         lasted = time.monotonic() - started
     assert end in ("eof", "reset")
     # Not a speed check: the session must not be cut before it was idle for
     # 1 s, and it must be cut at its own timeout, not at some other deadline.
-    assert lasted >= 0.9, f"idle session cut after {lasted:.3f}s with timeout_client = 1s"
+    assert lasted >= 0.9, f"idle session cut after {lasted:.3f}s with timeout_{side} = 1s"
 
     line = proxy.wait_access_lines(1)[0]
-    assert line.term == "cD", line.raw
+    assert line.term == ("cD" if side == "client" else "sD"), line.raw
     assert line.server == "s1", line.raw
     # The proxy ended the session itself, so the server side was reset.
     rec = hold.wait_done(1)[0]
