@@ -54,8 +54,8 @@ def duration(raw: Any, path: str) -> float:
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     else:
         raise ConfigError(path, f"expected a duration like \"250ms\", \"5s\" or \"2m\", got {raw!r}")
-    if seconds < 0:
-        raise ConfigError(path, f"a duration cannot be negative, got {raw!r}")
+    if not 0 <= seconds < float("inf"):  # also refuses TOML's nan and inf
+        raise ConfigError(path, f"a duration must be a finite number of seconds, 0 or more, got {raw!r}")
     return seconds
 
 

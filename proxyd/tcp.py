@@ -298,6 +298,7 @@ class TcpSession:
         pump = Pump if self.worker.splice else CopyPump
         self.up = pump(client, server, pool)
         self.down = pump(server, client, pool)
+        self._arm(self._expiry()[0])  # idle timeouts may be shorter than timeout_connect
         self._progress()
 
     # ------------------------------------------------------------ events
@@ -358,6 +359,8 @@ class TcpSession:
         half_close = self.frontend.config.half_close
         if up_done and (down.fin or half_close) and not down_done:
             self.server.shutdown()                 # pass the client's FIN on
+        if up.ended or down.ended:
+            self._arm(self._expiry()[0])           # timeout_fin may come sooner
         if up_done and down_done:
             if down.fin:
                 return self._finish(reset_server=False)
