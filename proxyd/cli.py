@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from proxyd.master import Master
 
     try:
-        return Master(config, log, listeners, f"-c {args.config}").run()
+        return Master(config, log, listeners, args.config).run()
     finally:
         if pidfile and os.getpid() == read_pid(pidfile):
             os.unlink(pidfile)

@@ -241,6 +241,9 @@ GLOBAL_KEYS = (
     Key("log_level", choice(*LOG_LEVELS), "info", "least severe message logged; access logs are info"),
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),
+    Key("worker_timeout", duration, 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
+    Key("max_draining", integer(1, 100), 2,
+        "old generations allowed to drain at once; a reload beyond it stops the oldest now"),
 )
 
 FRONTEND_KEYS = (
@@ -321,6 +324,8 @@ class GlobalConfig:
     log_level: str
     admin_socket: str | None
     splice: bool
+    worker_timeout: float
+    max_draining: int
 
 
 @dataclass(frozen=True)

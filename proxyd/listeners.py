@@ -9,12 +9,15 @@ nothing waiting there is lost.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import socket
+import struct
 
 from proxyd.config import Address, Config
 
 BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
+SO_ATTACH_REUSEPORT_CBPF = 51
 
 
 class BindError(Exception):
@@ -86,11 +89,47 @@ class Listeners:
                 self.sockets.pop(key).close()
             raise
 
-    def for_slot(self, config: Config, slot: int) -> list[tuple[str, socket.socket]]:
-        return [(frontend.name, self.sockets[(address, slot)])
-                for frontend in config.frontends.values() for address in frontend.bind]
+    def for_slot(self, config: Config, slot: int, slots: int) -> list[tuple[str, socket.socket]]:
+        """The sockets worker SLOT (of SLOTS) accepts from: its own, and any
+        left over from a time there were more workers (slot j >= SLOTS goes to
+        j % SLOTS), so that what is queued there is still accepted."""
+        return [(frontend.name, sock)
+                for frontend in config.frontends.values() for address in frontend.bind
+                for (a, j), sock in self.sockets.items()
+                if a == address and (j == slot or (j >= slots and j % slots == slot))]
+
+    def steer(self, slots: int) -> None:
+        """New connections go only to the sockets of slots 0..SLOTS-1.
+
+        Closing a listening socket resets the connections queued on it
+        (unless net.ipv4.tcp_migrate_req is on), so when there are fewer
+        workers than sockets the extra sockets are kept open, drained by the
+        remaining workers, and taken out of the kernel's choice with a
+        classic BPF program on the reuseport group: "random % SLOTS" picks an
+        index in the group, and our indices are the slots because a group's
+        sockets are numbered in the order they listen and we close none of
+        an address's sockets but all of them at once.
+        """
+        for (address, slot), sock in self.sockets.items():
+            if slot == 0:
+                attach_steering(sock, slots)
+
+    def close_unused(self, config: Config) -> None:
+        """Close every socket of an address CONFIG no longer binds."""
+        wanted = {address for frontend in config.frontends.values() for address in frontend.bind}
+        for key in [key for key in self.sockets if key[0] not in wanted]:
+            self.sockets.pop(key).close()
 
     def close_all(self) -> None:
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+
+
+def attach_steering(sock: socket.socket, slots: int) -> None:
+    ld_random = struct.pack("HBBI", 0x20, 0, 0, (-0x1000 + 56) & 0xFFFFFFFF)  # A = prandom_u32()
+    mod_slots = struct.pack("HBBI", 0x94, 0, 0, slots)                         # A %= slots
+    ret_a = struct.pack("HBBI", 0x16, 0, 0, 0)                                 # return A
+    program = ctypes.create_string_buffer(ld_random + mod_slots + ret_a)
+    fprog = struct.pack("HxxxxxxQ", 3, ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)

@@ -3,8 +3,15 @@
 Signals are never handled inside a handler: `signal.set_wakeup_fd` writes
 each signal's number to a pipe and the main loop reads them (as gunicorn's
 arbiter queues them).  Children are reaped with waitpid(-1, WNOHANG) until
-none is left to reap.  A worker that dies is respawned in its slot, at once
-the first time, with growing backoff if it keeps dying soon after start.
+none is left to reap.
+
+Workers belong to a *generation*, one per configuration the master has
+loaded.  A reload (HUP) forks a new generation on the new configuration
+beside the old one; the old one is told to drain (QUIT) only once every new
+worker has reported in, so something always accepts.  Listening sockets
+live in the master for as long as their address is configured, and every
+worker of a slot, old or new, accepts from the very same kernel socket:
+nothing queued is dropped by a reload or a respawn.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from proxyd.config import Config
-from proxyd.listeners import Listeners
+from proxyd import config as config_module
+from proxyd.listeners import BindError, Listeners
 from proxyd.log import Log
 from proxyd.shared import Shared
+from proxyd.worker import Worker
 
 try:
     from setproctitle import setproctitle
@@ -27,10 +35,12 @@ except ImportError:  # titles are a convenience, never a reason not to run
     def setproctitle(title: str) -> None:
         pass
 
-STOP_TIMEOUT = 5.0        # fast stop: workers that take longer are killed
+STOP_TIMEOUT = 5.0        # workers that overrun a stop by this much are killed
 QUICK_DEATH = 10.0        # a worker that dies sooner than this after start "keeps dying"
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+RETIRE_SETTLE = 1.0       # TTOU: the retiring worker accepts this long after steering
+MAX_WORKERS = 256
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
            signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -42,27 +52,32 @@ class WorkerProcess:
     generation: int
     started: float
     shared_slot: int
+    ready: bool = False
+    draining: bool = False
+    deadline: float = 0.0     # draining: killed if still alive then
+    retire_at: float = 0.0    # TTOU: told to drain then
 
 
 class Master:
-    def __init__(self, config: Config, log: Log, listeners: Listeners, title_args: str = ""):
+    def __init__(self, config, log: Log, listeners: Listeners, config_path: str):
         self.config = config
         self.log = log
         self.listeners = listeners
-        self.title_args = title_args
+        self.config_path = config_path
         self.shared = Shared()
-        self.generation = 1
+        self.generation = 1         # the generation serving (or about to)
+        self.last_generation = 1
         self.count = config.global_.workers
         self.workers: dict[int, WorkerProcess] = {}
         self.respawn_at: dict[int, float] = {}
         self.failures: dict[int, int] = {}
+        self.previous = None        # (config, count, generation) while a reload is pending
         self.stopping = ""          # "", "fast" or "graceful"
-        self.stop_deadline = 0.0
         self.pid = os.getpid()
 
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
-        setproctitle(f"proxyd: master {self.title_args}".rstrip())
+        setproctitle(f"proxyd: master -c {self.config_path}")
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_fds = (wake_r, wake_w)
         for sig in SIGNALS:
@@ -80,32 +95,39 @@ class Master:
             for number in numbers:
                 self._on_signal(number)
             self._reap()
+            self._check_workers()
             self._respawn_due()
-            self._enforce_stop_deadline()
         self.log.info("master exiting")
         return 0
 
     def _sleep_time(self) -> float:
-        deadlines = list(self.respawn_at.values())
-        if self.stopping:
-            deadlines.append(self.stop_deadline)
-        if not deadlines:
-            return 1.0
-        return min(max(min(deadlines) - time.monotonic(), 0.0), 1.0)
+        deadlines = list(self.respawn_at.values()) + [w.retire_at for w in self.workers.values()
+                                                      if w.retire_at]
+        if self.previous or self.stopping:
+            return 0.05  # waiting for workers to report in or to go
+        return min([1.0] + [max(d - time.monotonic(), 0.0) for d in deadlines])
 
     def _on_signal(self, number: int) -> None:
         if number in (signal.SIGTERM, signal.SIGINT):
             self.stop_fast()
         elif number == signal.SIGQUIT:
             self.stop_graceful()
+        elif self.stopping:
+            return
+        elif number == signal.SIGHUP:
+            self.reload()
         elif number == signal.SIGUSR1:
             self.log.reopen()
             self.log.info("log reopened")
-            self._signal_workers(signal.SIGUSR1)
+            self._signal(self.workers.values(), signal.SIGUSR1)
+        elif number == signal.SIGTTIN:
+            self.add_worker()
+        elif number == signal.SIGTTOU:
+            self.remove_worker()
 
     # ------------------------------------------------------------ workers
     def _spawn(self, slot: int) -> None:
-        shared_slot = self.shared.allocate(time.monotonic())
+        shared_slot = self.shared.allocate(0.0)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -120,8 +142,6 @@ class Master:
 
     def _worker_main(self, slot: int, shared_slot: int) -> int:
         """In the child: shed the master's state, drop privileges, run the loop."""
-        from proxyd.worker import Worker
-
         signal.set_wakeup_fd(-1)
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -129,11 +149,11 @@ class Master:
             os.close(fd)
         setproctitle(f"proxyd: worker {slot + 1}/{self.count} gen {self.generation}")
         self.log.set_tag("proxyd")
-        mine = self.listeners.for_slot(self.config, slot)
+        mine = self.listeners.for_slot(self.config, slot, self.count)
         keep = {id(sock) for _, sock in mine}
         for sock in self.listeners.sockets.values():
             if id(sock) not in keep:
-                sock.close()  # another slot's: only the master and that slot keep it
+                sock.close()  # others' sockets: only the master and their slots keep them
         drop_privileges(self.config.global_.user, self.config.global_.group)
         worker = Worker(self.config, mine, self.log, slot + 1, self.count, self.generation,
                         self.pid, self.shared, shared_slot)
@@ -152,12 +172,17 @@ class Master:
                 continue
             self.shared.release(worker.shared_slot)
             how = describe_exit(status)
-            if self.stopping:
-                self.log.info(f"worker {worker.slot + 1}/{self.count} (pid {pid}) exited: {how}")
-                continue
-            self._schedule_respawn(worker, how)
+            name = f"worker {worker.slot + 1} gen {worker.generation} (pid {pid})"
+            if worker.draining or self.stopping:
+                self.log.info(f"{name} exited: {how}")
+            elif self.previous and worker.generation == self.generation and not worker.ready:
+                self._abort_reload(f"{name} died at start-up: {how}")
+            elif worker.generation == self.generation and worker.slot < self.count:
+                self._schedule_respawn(worker, f"{name} died: {how}")
+            else:
+                self.log.info(f"{name} exited: {how}")
 
-    def _schedule_respawn(self, worker: WorkerProcess, how: str) -> None:
+    def _schedule_respawn(self, worker: WorkerProcess, what: str) -> None:
         slot = worker.slot
         if time.monotonic() - worker.started < QUICK_DEATH:
             self.failures[slot] = self.failures.get(slot, 0) + 1
@@ -165,23 +190,142 @@ class Master:
             self.failures[slot] = 0
         failures = self.failures[slot]
         delay = 0.0 if failures <= 1 else min(BACKOFF_FIRST * 2 ** (failures - 2), BACKOFF_MAX)
-        self.log.warning(f"worker {slot + 1}/{self.count} (pid {worker.pid}) died: {how}; "
-                         f"respawning in {delay:g}s")
+        self.log.warning(f"{what}; respawning in {delay:g}s")
         self.respawn_at[slot] = time.monotonic() + delay
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
         for slot, when in list(self.respawn_at.items()):
-            if when <= now and not self.stopping:
+            if when <= now:
                 del self.respawn_at[slot]
-                self._spawn(slot)
+                if not self.stopping and slot < self.count:
+                    self._spawn(slot)
 
-    def _signal_workers(self, sig: int) -> None:
-        for pid in list(self.workers):
+    def _check_workers(self) -> None:
+        """Heartbeats, readiness of a new generation, retirements, overdue drains."""
+        now = time.monotonic()
+        timeout = self.config.global_.worker_timeout
+        for worker in list(self.workers.values()):
+            beat = self.shared.heartbeat(worker.shared_slot)
+            worker.ready = worker.ready or beat > 0
+            last_sign = beat if beat > 0 else worker.started
+            if now - last_sign > timeout:
+                self.log.error(f"worker {worker.slot + 1} gen {worker.generation} (pid {worker.pid}) "
+                               f"has not answered for {now - last_sign:.1f}s; killing it")
+                self._signal([worker], signal.SIGKILL)
+            elif worker.draining and worker.deadline and now > worker.deadline:
+                self.log.warning(f"worker {worker.slot + 1} gen {worker.generation} (pid {worker.pid}) "
+                                 f"overran its stop; killing it")
+                self._signal([worker], signal.SIGKILL)
+                worker.deadline = 0.0
+            elif worker.retire_at and now >= worker.retire_at:
+                worker.retire_at = 0.0
+                self._drain([worker])
+        if self.previous and all(w.ready for w in self.workers.values() if w.generation == self.generation):
+            self._promote()
+
+    def _signal(self, workers, sig: int) -> None:
+        for worker in list(workers):
             try:
-                os.kill(pid, sig)
+                os.kill(worker.pid, sig)
             except ProcessLookupError:
                 pass
+
+    def _drain(self, workers) -> None:
+        grace = self.config.global_.grace
+        for worker in workers:
+            worker.draining = True
+            worker.deadline = time.monotonic() + grace + STOP_TIMEOUT
+        self._signal(workers, signal.SIGQUIT)
+
+    # ------------------------------------------------------------ reload
+    def reload(self) -> None:
+        """HUP: a new generation on the new file; the old one drains once it is up."""
+        try:
+            new = config_module.load(self.config_path)
+            from proxyd.cli import check_accounts
+            check_accounts(new)
+        except config_module.ConfigError as e:
+            return self.log.error(f"reload failed, keeping the running configuration: {e}")
+        if self.previous:
+            self._promote()  # the reload before this one is still starting: let it win
+        count = new.global_.workers
+        try:
+            self.listeners.bind(new, count)
+        except BindError as e:
+            return self.log.error(f"reload failed, keeping the running configuration: {e}")
+        self.previous = (self.config, self.count, self.generation)
+        self.config, self.count = new, count
+        self.last_generation += 1
+        self.generation = self.last_generation
+        self.respawn_at.clear()
+        self.failures.clear()
+        self.log.info(f"reloading {self.config_path}: generation {self.generation}, {count} workers")
+        for slot in range(count):
+            self._spawn(slot)
+
+    def _promote(self) -> None:
+        """Every new worker has reported in: the older generations drain."""
+        self.previous = None
+        old = [w for w in self.workers.values() if w.generation != self.generation and not w.draining]
+        self._drain(old)
+        self.listeners.steer(self.count)
+        # Removed addresses: our copies go now, the old workers' as they drain,
+        # and the port is free once the last of them has let go.
+        self.listeners.close_unused(self.config)
+        self.log.info(f"generation {self.generation} serving; {len(old)} old workers draining")
+        self._limit_draining_generations()
+
+    def _abort_reload(self, reason: str) -> None:
+        config, count, generation = self.previous
+        self.log.error(f"reload aborted: {reason}; generation {generation} keeps serving")
+        failed = [w for w in self.workers.values() if w.generation == self.generation]
+        for worker in failed:
+            worker.draining = True
+            worker.deadline = time.monotonic() + STOP_TIMEOUT
+        self._signal(failed, signal.SIGTERM)
+        self.previous = None
+        self.config, self.count, self.generation = config, count, generation
+        self.listeners.close_unused(config)
+
+    def _limit_draining_generations(self) -> None:
+        """Reloads in quick succession: past max_draining old generations, stop the oldest."""
+        limit = self.config.global_.max_draining
+        draining = sorted({w.generation for w in self.workers.values()
+                           if w.draining and w.generation != self.generation})
+        for generation in draining[:max(len(draining) - limit, 0)]:
+            victims = [w for w in self.workers.values() if w.generation == generation]
+            self.log.warning(f"{len(draining)} generations draining (max_draining = {limit}): "
+                             f"stopping generation {generation} now")
+            for worker in victims:
+                worker.deadline = time.monotonic() + STOP_TIMEOUT
+            self._signal(victims, signal.SIGTERM)
+
+    # ------------------------------------------------------------ TTIN / TTOU
+    def add_worker(self) -> None:
+        if self.previous or self.count >= MAX_WORKERS:
+            return self.log.warning("TTIN ignored: a reload is in progress or the limit is reached")
+        try:
+            self.listeners.bind(self.config, self.count + 1)
+        except BindError as e:
+            return self.log.error(f"TTIN: {e}")
+        self.count += 1
+        self.listeners.steer(self.count)
+        self._spawn(self.count - 1)
+        self.log.info(f"TTIN: now {self.count} workers")
+
+    def remove_worker(self) -> None:
+        if self.previous or self.count <= 1:
+            return self.log.warning("TTOU ignored: a reload is in progress or one worker is left")
+        self.count -= 1
+        # Steer new connections away from the slot first, and let its worker
+        # accept what is already queued there before it drains.
+        self.listeners.steer(self.count)
+        self.respawn_at.pop(self.count, None)
+        for worker in self.workers.values():
+            if worker.slot == self.count and worker.generation == self.generation and not worker.draining:
+                worker.retire_at = time.monotonic() + RETIRE_SETTLE
+        self.log.info(f"TTOU: now {self.count} workers")
 
     # ------------------------------------------------------------ stopping
     def stop_fast(self) -> None:
@@ -189,29 +333,23 @@ class Master:
         if self.stopping != "fast":
             self.log.info("fast stop")
             self.stopping = "fast"
-            self.stop_deadline = time.monotonic() + STOP_TIMEOUT
             self.respawn_at.clear()
             self.listeners.close_all()
-            self._signal_workers(signal.SIGTERM)
+            for worker in self.workers.values():
+                worker.draining = True
+                worker.deadline = time.monotonic() + STOP_TIMEOUT
+            self._signal(self.workers.values(), signal.SIGTERM)
 
     def stop_graceful(self) -> None:
         """QUIT: stop accepting now, let sessions finish within grace."""
         if not self.stopping:
-            grace = self.config.global_.grace
-            self.log.info(f"graceful stop (grace {grace:g}s)")
+            self.log.info(f"graceful stop (grace {self.config.global_.grace:g}s)")
             self.stopping = "graceful"
-            self.stop_deadline = time.monotonic() + grace + STOP_TIMEOUT
             self.respawn_at.clear()
             # Close our copies first: once the workers close theirs, the sockets
             # are gone and new connections are refused rather than left queued.
             self.listeners.close_all()
-            self._signal_workers(signal.SIGQUIT)
-
-    def _enforce_stop_deadline(self) -> None:
-        if self.stopping and self.workers and time.monotonic() >= self.stop_deadline:
-            self.log.warning(f"killing {len(self.workers)} workers that did not stop in time")
-            self._signal_workers(signal.SIGKILL)
-            self.stop_deadline = time.monotonic() + STOP_TIMEOUT
+            self._drain([w for w in self.workers.values() if not w.draining])
 
 
 def describe_exit(status: int) -> str:
@@ -227,13 +365,11 @@ def describe_exit(status: int) -> str:
 
 def drop_privileges(user: str | None, group: str | None) -> None:
     """Workers run as user/group; the master keeps root to bind again on reload."""
-    if not user and not group:
+    if not (user or group) or os.geteuid() != 0:
         return
     import grp
     import pwd
 
-    if os.geteuid() != 0:
-        return  # not root: nothing to drop to (the master already runs unprivileged)
     entry = pwd.getpwnam(user) if user else None
     gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
     os.setgroups([])

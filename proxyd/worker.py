@@ -160,9 +160,9 @@ class Worker:
 
     def _install_signals(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1):
             signal.signal(sig, _no_op)
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # the master's business
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         self.loop.add(r, lambda mask: self._on_signals(os.read(r, 64)), IN)
@@ -173,6 +173,8 @@ class Worker:
                 self.stop()
             elif number == signal.SIGQUIT:
                 self.drain(self.config.global_.grace)
+            elif number == signal.SIGUSR1:
+                self.log.reopen()
 
     def on_timer(self, when: float) -> None:
         """Once a second: heartbeat for the master; stop if the master is gone."""
@@ -190,20 +192,29 @@ class Worker:
         self.loop.call_at(self.loop.now + 1.0, self)
 
     # ------------------------------------------------------------ stopping
-    def _close_listeners(self) -> None:
+    def _close_listeners(self, accept_queued: bool) -> None:
         for listener in self.listeners:
+            if accept_queued:
+                self._accept_queued(listener)
             listener.pause()
             listener.sock.close()
         self.listeners = []
         for frontend in self.frontends.values():
             frontend.listeners = []
 
+    def _accept_queued(self, listener: Listener) -> None:
+        """Take what already waits in the backlog before letting go of a socket:
+        on a graceful stop, ours may be the last reference to it."""
+        for _ in range(1000 // ACCEPT_BATCH):
+            if self.accept(listener):
+                return
+
     def drain(self, grace: float) -> None:
         """Stop accepting; the loop ends when the last session has."""
         if not self.stopping:
             self.stopping = True
             self.stop_deadline = self.loop.now + grace
-            self._close_listeners()
+            self._close_listeners(accept_queued=True)
             self.log.info(f"worker {self.number}/{self.count} gen {self.generation} draining "
                           f"{len(self.sessions)} sessions (grace {grace:g}s)")
 
@@ -211,12 +222,13 @@ class Worker:
         """Fast stop: every session ends now, server sockets reset."""
         self.stopping = True
         self.stop_deadline = self.loop.now
-        self._close_listeners()
+        self._close_listeners(accept_queued=False)
         for session in list(self.sessions):
             session.kill()
 
     # ------------------------------------------------------------ accepting
-    def accept(self, listener: Listener) -> None:
+    def accept(self, listener: Listener) -> bool:
+        """Accept a batch; True once nothing more can be taken now."""
         frontend = listener.frontend
         limit = frontend.config.maxconn
         for _ in range(ACCEPT_BATCH):
@@ -224,18 +236,19 @@ class Worker:
                 # Leave the rest in the kernel backlog until a session ends.
                 for each in (self.listeners if self.active >= self.maxconn else frontend.listeners):
                     each.pause()
-                return
+                return True
             try:
                 sock, peer = listener.sock.accept()
             except BlockingIOError:
-                return
+                return True
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._out_of_resources(e)
-                    return
+                    return True
                 continue  # ECONNABORTED and the like: that one client is gone
             sock.setblocking(False)
             TcpSession(self, frontend, sock, peer)
+        return False
 
     def _out_of_resources(self, e: OSError) -> None:
         self.log.error(f"accept: {e.strerror}; not accepting for {PAUSE_ON_EMFILE}s")
