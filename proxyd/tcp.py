@@ -201,6 +201,36 @@ class CopyPump(Pump):
             self.pipe = None
 
 
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+def connect_next(backend, client_ip: str, tried: list) -> tuple:
+    """Start a non-blocking connect to the next server of BACKEND.
+
+    Returns (server, socket), or (None, (term, error)) once no server is left
+    to try: a connect that fails at once (no source port: EADDRNOTAVAIL) goes
+    on to the next server, `retries` times at most, never in a busy loop.
+    """
+    while True:
+        server = backend.balancer.choose(client_ip, tried)
+        if server is None:
+            return None, ("SC", "no server available")
+        tried.append(server)
+        try:
+            sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as e:
+            return None, ("RC", errno_name(e.errno))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        result = sock.connect_ex(server.sockaddr)
+        if result in (0, errno.EINPROGRESS):
+            server.active += 1
+            return server, sock
+        sock.close()
+        if len(tried) > backend.config.retries:
+            return None, ("RC" if result in RESOURCE_ERRORS else "SC", errno_name(result))
+
+
 def _ioctl_int(fd: int, request: int) -> int:
     return int.from_bytes(fcntl.ioctl(fd, request, ZERO), "little", signed=True)
 
@@ -244,37 +274,14 @@ class TcpSession:
 
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:
-        while True:
-            server = self.backend.balancer.choose(self.peer[0], self.tried)
-            if server is None:
-                return self._end("SC", "no server available")
-            self.tried.append(server)
-            self.attempt_started = self.loop.now
-            try:
-                sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC)
-            except OSError as e:
-                return self._end("RC", errno.errorcode.get(e.errno, str(e.errno)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = sock.connect_ex(server.sockaddr)
-            if result in (0, errno.EINPROGRESS):
-                break
-            sock.close()
-            if not self._may_retry(result):
-                return
-        server.active += 1
+        server, sock = connect_next(self.backend, self.peer[0], self.tried)
+        if server is None:
+            return self._end(*sock)
         self.server_ref = server
         self.server = Side(sock, self.loop.now)
+        self.attempt_started = self.loop.now
         self.loop.add(self.server.fd, self.on_server)
         self._arm(self.loop.now + self.backend.config.timeout_connect)
-
-    def _may_retry(self, err: int, code: str = "") -> bool:
-        """A connect attempt failed: True if another may be made."""
-        if len(self.tried) <= self.backend.config.retries:
-            return True
-        code = code or ("RC" if err in RESOURCE_ERRORS else "SC")
-        self._end(code, errno.errorcode.get(err, str(err)))
-        return False
 
     def _connect_failed(self, err: int, code: str = "") -> None:
         server, self.server = self.server, None
@@ -282,8 +289,9 @@ class TcpSession:
         server.sock.close()  # never established: no TIME_WAIT, nothing to reset
         self.server_ref.active -= 1
         self.server_ref = None
-        if self._may_retry(err, code):
-            self._connect()
+        if len(self.tried) <= self.backend.config.retries:
+            return self._connect()
+        self._end(code or ("RC" if err in RESOURCE_ERRORS else "SC"), errno_name(err))
 
     def _connected(self, mask: int) -> None:
         now = self.loop.now
@@ -392,7 +400,7 @@ class TcpSession:
 
     def _peer_failed(self, e: PeerError) -> None:
         """A peer reset or vanished: save what can be saved for the other one."""
-        self.err = errno.errorcode.get(e.err, str(e.err))
+        self.err = errno_name(e.err)
         up, down = self.up, self.down
         if e.side is self.client:
             self.term = self.term or "CD"
