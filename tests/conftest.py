@@ -105,3 +105,19 @@ def tcp_proxy(proxyd):
         return proxyd(support.tcp_config(support.free_port(), servers, **kw))
 
     return start
+
+
+@pytest.fixture
+def load():
+    """load(port, duration, processes=4, rate=0, timeout=10) -> started
+    support.Load client processes; any still running at teardown are killed."""
+    started: list[support.Load] = []
+
+    def start(port: int, duration: float, **kw) -> support.Load:
+        clients = support.Load(port, duration, **kw)
+        started.append(clients)
+        return clients.start()
+
+    yield start
+    for clients in started:
+        clients.stop()

@@ -205,6 +205,7 @@ def parse_access_line(line: str) -> AccessLine | None:
 # ---------------------------------------------------------------- processes
 
 WORKER_TITLE = re.compile(r"proxyd: worker (\d+)/(\d+)")
+WORKER_GENERATION = re.compile(r"proxyd: worker \d+/\d+ gen (\d+)")
 
 
 def _title(proc: psutil.Process) -> str:
@@ -278,6 +279,28 @@ class Proxyd:
             if m:
                 slots[w.pid] = int(m.group(1))
         return slots
+
+    def worker_generations(self) -> dict[int, int]:
+        """pid -> generation G of `worker N/M gen G`."""
+        gens = {}
+        for w in self.workers():
+            m = WORKER_GENERATION.search(_title(w))
+            if m:
+                gens[w.pid] = int(m.group(1))
+        return gens
+
+    def worker_of(self, client: socket.socket) -> psutil.Process | None:
+        """The worker holding the proxy's end of CLIENT's connection, if any."""
+        local = client.getsockname()[:2]
+        for w in self.workers():
+            try:
+                # net_connections() since psutil 6, connections() before
+                conns = getattr(w, "net_connections", getattr(w, "connections", None))(kind="tcp")
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            if any(c.raddr and (c.raddr.ip, c.raddr.port) == local for c in conns):
+                return w
+        return None
 
     def children_description(self) -> str:
         try:
@@ -567,6 +590,32 @@ def request_reply_handler(request_size: int, reply: bytes):
     return handler
 
 
+def echo_close_handler(conn, rec, backend) -> None:
+    """Read one request (a 2-byte big-endian length, then that many bytes),
+    send it all back, close (the server closes first).  The protocol of
+    tests/loadgen.py."""
+    def read(n: int) -> bytes | None:
+        chunks, got = [], 0
+        while got < n:
+            data = conn.recv(n - got)
+            if not data:
+                rec.end = "eof"
+                return None
+            rec.feed(data)
+            chunks.append(data)
+            got += len(data)
+        return b"".join(chunks)
+
+    head = read(2)
+    if head is None:
+        return
+    body = read(int.from_bytes(head, "big"))
+    if body is None:
+        return
+    conn.sendall(head + body)
+    rec.sent += len(head) + len(body)
+
+
 def hold_handler(conn, rec, backend) -> None:
     """Never send, never close: read until the peer closes or resets."""
     _recv_until_eof(conn, rec)
@@ -662,6 +711,74 @@ def payload(size: int, seed: int = 0) -> bytes:
     """SIZE pseudo-random bytes (distinct per seed, reproducible)."""
     import random
     return random.Random(seed).randbytes(size)
+
+
+# -------------------------------------------------------------------- load
+
+class Load:
+    """PROCESSES load clients (`python -m tests.loadgen`, one process each, so
+    the GIL of the test process throttles none of them), each opening short
+    sessions to PORT for DURATION seconds against an echo_close_handler
+    backend.  start(), then result() gathers their counts; finish() asks them
+    to end early (SIGTERM: each ends after its current session); stop() kills
+    any client still running, by its pid."""
+
+    def __init__(self, port: int, duration: float, processes: int = 4, rate: float = 0.0,
+                 timeout: float = 10.0, seed: int = 0):
+        self.port = port
+        self.duration = duration
+        self.processes = processes
+        self.rate = rate
+        self.timeout = timeout
+        self.seed = seed
+        self.popens: list[subprocess.Popen] = []
+
+    def start(self) -> "Load":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for i in range(self.processes):
+            self.popens.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.loadgen", str(self.port), str(self.duration),
+                 "--seed", str(self.seed * 100 + i), "--rate", str(self.rate),
+                 "--timeout", str(self.timeout)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=REPO, env=env))
+        return self
+
+    def result(self) -> dict:
+        """Wait for every client (bounded: DURATION plus a few session
+        timeouts) and sum their outcomes: {"counts": {...}, "sessions": N,
+        "samples": [...]}.  AssertionError if a client hangs or fails."""
+        deadline = time.monotonic() + self.duration + 3 * self.timeout + 20
+        total = {"counts": {}, "sessions": 0, "samples": []}
+        for i, popen in enumerate(self.popens):
+            try:
+                out, err = popen.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"load client {i} (pid {popen.pid}) still running past its deadline") from None
+            if popen.returncode != 0:
+                raise AssertionError(f"load client {i} exited with {popen.returncode}: {err.decode(errors='replace')}")
+            one = json.loads(out)
+            for k, v in one["counts"].items():
+                total["counts"][k] = total["counts"].get(k, 0) + v
+            total["sessions"] += one["sessions"]
+            total["samples"] += [f"client {i} {s}" for s in one["samples"]]
+        return total
+
+    def finish(self) -> None:
+        for popen in self.popens:
+            if popen.poll() is None:
+                popen.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        for popen in self.popens:
+            if popen.poll() is None:
+                popen.kill()
+                try:
+                    popen.communicate(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    pass
 
 
 # ----------------------------------------------------------------------- ss
