@@ -19,6 +19,7 @@ from proxyd.balance import Balancer
 from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
 from proxyd.loop import IN, Loop
+from proxyd.http.session import HttpSession
 from proxyd.tcp import TcpSession
 
 ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
@@ -93,6 +94,16 @@ class Frontend:
         self.backend = backend
         self.listeners: list[Listener] = []
         self.active = 0
+        self.session = HttpSession if config.mode == "http" else TcpSession
+        # Error pages stay open for sendfile; a file that went away since the
+        # configuration was checked falls back to the built-in page.
+        self.errorfiles: dict[int, tuple[int, int]] = {}
+        for status, path in config.errorfiles.items():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            self.errorfiles[status] = (fd, os.fstat(fd).st_size)
 
 
 class Listener:
@@ -142,8 +153,9 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.paused_until = 0.0
-        backends = {name: Backend(b) for name, b in config.backends.items()}
-        self.frontends = {name: Frontend(f, backends[f.backend]) for name, f in config.frontends.items()}
+        self.backends = {name: Backend(b) for name, b in config.backends.items()}
+        self.frontends = {name: Frontend(f, self.backends[f.backend])
+                          for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
         for listener in self.listeners:
             listener.frontend.listeners.append(listener)
@@ -220,6 +232,10 @@ class Worker:
             self.stopping = True
             self.stop_deadline = self.loop.now + grace
             self._close_listeners(accept_queued=True)
+            for session in list(self.sessions):
+                drain = getattr(session, "drain", None)
+                if drain is not None:
+                    drain()
             self.log.info(f"worker {self.number}/{self.count} gen {self.generation} draining "
                           f"{len(self.sessions)} sessions (grace {grace:g}s)")
 
@@ -252,7 +268,7 @@ class Worker:
                     return True
                 continue  # ECONNABORTED and the like: that one client is gone
             sock.setblocking(False)
-            TcpSession(self, frontend, sock, peer)
+            frontend.session(self, frontend, sock, peer)
         return False
 
     def _out_of_resources(self, e: OSError) -> None:

@@ -1,0 +1,746 @@
+"""An HTTP-mode client connection: requests one after another (keep-alive).
+
+Each request gets its own server connection (HAProxy's http-server-close):
+the head is parsed and checked, rewritten (hop-by-hop headers out,
+X-Forwarded-For in, `Connection: close` to the server) and sent; a body of
+known length is spliced; a chunked one is copied with its framing checked.
+The response head is parsed the same way, and the moment its last byte has
+been received the server socket is reset, so the next request of the
+client, pipelined or not, goes on at once and no TIME_WAIT is left behind.
+
+Everything one request needs is in the `Exchange`; what outlives it (the
+client socket, bytes read ahead of the next request) is in the session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from proxyd.http.errors import builtin_page
+from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
+                                parse_request, parse_response, request_path)
+from proxyd.loop import IN, OUT, TROUBLE
+from proxyd.tcp import (INF, LINGER_RST, RESOURCE_ERRORS, PeerError, Pump, Side, connect_next,
+                        errno_name)
+
+READ_SIZE = 65536
+MAX_RESPONSE_HEAD = 65536
+# Session states
+WAIT_REQUEST, CONNECTING, EXCHANGE, TUNNEL, CLOSING, CLOSED = (
+    "wait-request", "connecting", "exchange", "tunnel", "closing", "closed")
+
+
+class ChunkedPump:
+    """Copies a chunked body SRC -> DST, checking its framing, stopping at its end.
+
+    Bytes read past the end of the message belong to what follows (the next
+    pipelined request) and are kept in `leftover`.
+    """
+
+    __slots__ = ("src", "dst", "decoder", "out", "moved", "ended", "fin", "queued", "leftover")
+
+    def __init__(self, src: Side, dst: Side, bad_status: int, initial: bytes):
+        self.src = src
+        self.dst = dst
+        self.decoder = ChunkedDecoder(bad_status)
+        self.out = bytearray()
+        self.moved = 0
+        self.ended = self.fin = False
+        self.leftover = b""
+        self.queued = 0
+        self._take(initial)
+
+    def _take(self, data) -> None:
+        used = self.decoder.feed(data)
+        self.out += data[:used]
+        self.queued = len(self.out)
+        if self.decoder.done:
+            self.ended = True
+            self.leftover = bytes(data[used:])
+
+    def run(self, now: float) -> bool:
+        src, dst = self.src, self.dst
+        while True:
+            if self.out:
+                if not dst.writable:
+                    return False
+                try:
+                    n = dst.sock.send(self.out)
+                except BlockingIOError:
+                    dst.writable = False
+                    return False
+                except OSError as e:
+                    raise PeerError(dst, e.errno) from None
+                del self.out[:n]
+                self.queued = len(self.out)
+                self.moved += n
+                dst.seen = now
+                continue
+            if self.ended or not src.readable:
+                return False
+            try:
+                data = src.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                src.readable = False
+                return False
+            except OSError as e:
+                raise PeerError(src, e.errno) from None
+            if not data:
+                self.ended = self.fin = True  # truncated: the message never ended
+                return False
+            src.seen = now
+            self._take(data)
+
+    def close(self) -> None:
+        pass
+
+
+class BytesOut:
+    """Bytes made in Python (heads, the start of a body) on their way to a socket."""
+
+    __slots__ = ("data",)
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def flush(self, side: Side, now: float) -> bool:
+        """Write what can be written; True once nothing is left."""
+        while self.data:
+            if not side.writable:
+                return False
+            try:
+                n = side.sock.send(self.data)
+            except BlockingIOError:
+                side.writable = False
+                return False
+            except OSError as e:
+                raise PeerError(side, e.errno) from None
+            del self.data[:n]
+            side.seen = now
+        return True
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = ("request", "backend", "started", "head_at", "connected_at", "sent_at", "response_at",
+                 "status", "up", "down", "up_bytes", "down_bytes", "response", "client_keepalive",
+                 "line")
+
+    def __init__(self, now: float):
+        self.request: Message | None = None
+        self.backend = None
+        self.started = now
+        self.head_at = self.connected_at = self.sent_at = self.response_at = -1.0
+        self.status = -1
+        self.up = None          # request body pump (Pump with a limit, or ChunkedPump)
+        self.down = None        # response body pump
+        self.up_bytes = 0       # head bytes; pumps add theirs
+        self.down_bytes = 0
+        self.response: Message | None = None
+        self.client_keepalive = False
+        self.line = "-"
+
+
+class HttpSession:
+    __slots__ = ("worker", "loop", "frontend", "client", "peer", "inbuf", "state", "x", "server",
+                 "server_ref", "tried", "attempt_started", "timer_at", "to_server", "to_client",
+                 "sbuf", "term", "err", "requests", "idle_since", "on_client", "on_server",
+                 "close_after", "errorfile")
+
+    def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
+        loop = worker.loop
+        self.worker = worker
+        self.loop = loop
+        self.frontend = frontend
+        self.client = Side(sock, loop.now)
+        self.client.writable = True
+        self.client.readable = True   # try at once: the request is often already there
+        self.peer = peer
+        self.inbuf = bytearray()      # client bytes read ahead, not yet used
+        self.server: Side | None = None
+        self.server_ref = None
+        self.tried: list = []
+        self.attempt_started = 0.0
+        self.timer_at = INF
+        self.to_server = BytesOut()
+        self.to_client = BytesOut()
+        self.sbuf = bytearray()       # server bytes before the response head is complete
+        self.term = ""
+        self.err = ""
+        self.requests = 0
+        self.idle_since = loop.now
+        self.close_after = False
+        self.errorfile = None         # [fd, offset, end] of an errorfiles page being sent
+        self.on_client = self._client_ready
+        self.on_server = self._server_ready
+        self.state = WAIT_REQUEST
+        self.x = Exchange(loop.now)
+        loop.add(self.client.fd, self.on_client)
+        worker.session_opened(self)
+        self._arm(loop.now + frontend.config.timeout_http_request)
+        self._step()
+
+    # ------------------------------------------------------------ events
+    def _client_ready(self, mask: int) -> None:
+        if mask & (IN | TROUBLE):
+            self.client.readable = True
+        if mask & (OUT | TROUBLE):
+            self.client.writable = True
+        self._step()
+
+    def _server_ready(self, mask: int) -> None:
+        server = self.server
+        if self.state is CONNECTING:
+            if mask & TROUBLE:
+                err = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                return self._connect_failed(err or errno.ECONNREFUSED)
+            if mask & OUT:
+                self._connected()
+            return
+        if mask & (IN | TROUBLE):
+            server.readable = True
+        if mask & (OUT | TROUBLE):
+            server.writable = True
+        self._step()
+
+    def _step(self) -> None:
+        """Do all that can be done now, whatever the state."""
+        try:
+            if self.state is WAIT_REQUEST:
+                self._read_request()
+            elif self.state is EXCHANGE:
+                self._exchange()
+            elif self.state is TUNNEL:
+                self._tunnel()
+            elif self.state is CLOSING:
+                if self.to_client.flush(self.client, self.loop.now) and self._send_errorfile():
+                    self._close()
+        except PeerError as e:
+            self._peer_failed(e)
+        except HttpError as e:
+            self._reject(e.status, e.reason)
+
+    # ------------------------------------------------------------ request head
+    def _read_request(self) -> None:
+        config = self.frontend.config
+        while True:
+            end = self.inbuf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self.inbuf) > config.max_header_size:
+                raise HttpError(431, "request head too large")
+            line_end = self.inbuf.find(b"\r\n")
+            if (line_end if line_end >= 0 else len(self.inbuf)) > config.max_request_line:
+                raise HttpError(414, "request line too long")
+            if not self.client.readable:
+                return
+            try:
+                data = self.client.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                self.client.readable = False
+                return
+            except OSError as e:
+                raise PeerError(self.client, e.errno) from None
+            if not data:
+                # The client closed between requests (normal) or mid-head (logged).
+                self.term = "CR" if self.inbuf else ""
+                return self._close(log=bool(self.inbuf))
+            if not self.inbuf:
+                self.x.started = self.loop.now  # timeout_http_request runs from the first byte
+                self._arm(self.loop.now + config.timeout_http_request)
+            self.inbuf += data
+        head = bytes(self.inbuf[:end])
+        del self.inbuf[:end + 4]
+        if len(head) > config.max_header_size:
+            raise HttpError(431, "request head too large")
+        first_line = head.split(b"\r\n", 1)[0]
+        if len(first_line) > config.max_request_line:
+            raise HttpError(414, "request line too long")
+        self.x.line = first_line.decode("latin-1")
+        self._start_exchange(parse_request(head), first_line)
+
+    def _start_exchange(self, request: Message, first_line: bytes) -> None:
+        x = self.x
+        config = self.frontend.config
+        x.request = request
+        x.head_at = self.loop.now
+        if config.max_body_size and request.length > config.max_body_size:
+            raise HttpError(413, "body larger than max_body_size")
+        if request.version == 11:
+            x.client_keepalive = b"close" not in request.connection
+        else:
+            x.client_keepalive = b"keep-alive" in request.connection
+        x.backend = self._route(request)
+        extra = []
+        if x.backend.config.forwardfor:
+            previous = request.get(b"x-forwarded-for")
+            chain = b", ".join(previous + [self.peer[0].encode()])
+            extra.append(b"X-Forwarded-For: " + chain)
+            extra.append(b"X-Forwarded-Proto: http")
+            request.headers = [h for h in request.headers
+                               if h[0] not in (b"x-forwarded-for", b"x-forwarded-proto")]
+        if request.upgrade:
+            extra += [b"Connection: upgrade", b"Upgrade: " + request.upgrade]
+        else:
+            extra.append(b"Connection: close")
+        head = forwarded_head(first_line, request, extra)
+        x.up_bytes = len(head)
+        self.to_server.data += head
+        self._body_start()
+        self.requests += 1
+        self.state = CONNECTING
+        self._connect()
+
+    def _route(self, request: Message):
+        host = host_without_port(request.host)
+        path = request_path(request.target)
+        for route in self.frontend.config.routes:
+            if route.host is not None and route.host != host:
+                continue
+            if route.path_prefix is not None and not path.startswith(route.path_prefix):
+                continue
+            return self.worker.backends[route.backend]
+        return self.frontend.backend
+
+    def _body_start(self) -> None:
+        """Queue the body bytes already read; a pump moves the rest once connected."""
+        x, request = self.x, self.x.request
+        if request.chunked:
+            x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf))
+            self.inbuf = bytearray(x.up.leftover)
+            self.to_server.data += x.up.out
+            x.up_bytes += len(x.up.out)
+            x.up.out.clear()
+            x.up.queued = 0
+        elif request.length > 0:
+            have = min(len(self.inbuf), request.length)
+            self.to_server.data += self.inbuf[:have]
+            x.up_bytes += have
+            del self.inbuf[:have]
+            if request.length > have:
+                x.up = self._pump(self.client, None)
+                x.up.stop_reading(request.length - have)
+
+    def _pump(self, src: Side, dst: Side | None) -> Pump:
+        return Pump(src, dst, self.worker.pipes)  # splice; the copy fallback only for chunked
+
+    # ------------------------------------------------------------ connecting
+    def _connect(self) -> None:
+        x = self.x
+        server, sock = connect_next(x.backend, self.peer[0], self.tried)
+        if server is None:
+            term, err = sock
+            self.err = err
+            status = 503 if err == "no server available" else 502
+            return self._reject(status, err, term[0] + "C")
+        self.server_ref = server
+        self.server = Side(sock, self.loop.now)
+        self.attempt_started = self.loop.now
+        self.loop.add(self.server.fd, self.on_server)
+        self._arm(self.loop.now + x.backend.config.timeout_connect)
+
+    def _connect_failed(self, err: int, timed_out: bool = False) -> None:
+        self._drop_server(reset=False)
+        if len(self.tried) <= self.x.backend.config.retries:
+            return self._connect()
+        self.err = errno_name(err)
+        if timed_out:
+            return self._reject(503, "connect timeout", "sC")
+        self._reject(502, self.err, "RC" if err in RESOURCE_ERRORS else "SC")
+
+    def _connected(self) -> None:
+        x = self.x
+        now = self.loop.now
+        self.state = EXCHANGE
+        x.connected_at = now
+        self.server.writable = True
+        self.server.seen = self.client.seen = now
+        if x.up is not None:
+            x.up.dst = self.server
+        self._exchange()
+
+    # ------------------------------------------------------------ request & response
+    def _exchange(self) -> None:
+        x = self.x
+        now = self.loop.now
+        if self.to_server.flush(self.server, now) and x.up is not None:
+            if x.up.run(now):
+                self.loop.soon(self._step)
+            if x.up.fin:  # the client closed before the end of its body
+                self.term = "C" + self._phase()
+                self.err = "request truncated"
+                self._drop_server(reset=True)
+                self._log()
+                return self._close()
+        if x.sent_at < 0 and not self.to_server.data:
+            x.sent_at = now
+            self._arm(now + x.backend.config.timeout_server)
+        if x.response is None:
+            self._read_response_head()
+            if self.state is TUNNEL:
+                return self._tunnel()
+            if x.response is None or self.state is not EXCHANGE:
+                return
+        if not self.to_client.flush(self.client, now):
+            return
+        down = x.down
+        if down is not None:
+            if down.run(now):
+                self.loop.soon(self._step)
+            if down.queued or not down.ended:
+                return
+            if down.fin and (isinstance(down, ChunkedPump) or down.limit > 0):
+                self.term = "SD"
+                self.err = "response truncated"
+                self.close_after = True
+        if x.up is not None and not (x.up.ended and not x.up.queued):
+            self.close_after = True   # the client is still sending a body nobody reads
+        self._exchange_done(server_closed=down is not None and down.fin)
+
+    def _read_response_head(self) -> None:
+        x = self.x
+        server = self.server
+        while True:
+            end = self.sbuf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.sbuf[:end])
+                del self.sbuf[:end + 4]
+                if not self._response_head(head):
+                    continue  # a 1xx: the real response follows
+                return
+            if len(self.sbuf) > MAX_RESPONSE_HEAD:
+                raise HttpError(502, "response head too large")
+            if not server.readable:
+                return
+            try:
+                data = server.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                server.readable = False
+                return
+            except OSError as e:
+                raise PeerError(server, e.errno) from None
+            if not data:
+                raise HttpError(502, "server closed before a complete response head")
+            server.seen = self.loop.now
+            self.sbuf += data
+
+    def _response_head(self, head: bytes) -> bool:
+        """Relay a response head; False if it was an interim (1xx) one."""
+        x = self.x
+        response = parse_response(head)
+        # We speak HTTP/1.1 to the client whatever the server spoke: the
+        # framing we send is our own (Content-Length, chunked or close).
+        status_line = b"HTTP/1.1" + head.split(b"\r\n", 1)[0][8:]
+        if 100 <= response.status < 200 and response.status != 101:
+            self.to_client.data += forwarded_head(status_line, response, [])
+            return False
+        if response.status == 101 and not x.request.upgrade:
+            raise HttpError(502, "101 without an upgrade request")
+        x.response = response
+        x.status = response.status
+        x.response_at = self.loop.now
+        no_body = x.request.method == b"HEAD" or response.status in (204, 304)
+        upgrade = response.status == 101 and x.request.upgrade
+        close_delimited = not (no_body or upgrade or response.chunked or response.length >= 0)
+        keep = x.client_keepalive and not close_delimited and not self.worker.stopping
+        extra = []
+        if upgrade:
+            extra += [b"Connection: upgrade", b"Upgrade: " + response.upgrade]
+        elif not keep:
+            extra.append(b"Connection: close")
+            self.close_after = True
+        elif x.request.version == 10:
+            extra.append(b"Connection: keep-alive")
+        out = forwarded_head(status_line, response, extra)
+        self.to_client.data += out
+        x.down_bytes = len(out)
+        if upgrade:
+            self._start_tunnel()
+        elif no_body:
+            pass
+        elif response.chunked:
+            x.down = ChunkedPump(self.server, self.client, 502, bytes(self.sbuf))
+            self.to_client.data += x.down.out
+            x.down_bytes += len(x.down.out)
+            x.down.out.clear()
+            x.down.queued = 0
+        else:
+            length = response.length
+            have = len(self.sbuf) if length < 0 else min(len(self.sbuf), length)
+            self.to_client.data += self.sbuf[:have]
+            x.down_bytes += have
+            if length < 0 or length > have:
+                x.down = self._pump(self.server, self.client)
+                if length > have:
+                    x.down.stop_reading(length - have)
+        self.sbuf.clear()
+        return True
+
+    def _exchange_done(self, server_closed: bool) -> None:
+        """The response is complete: reset the server now, then the next request."""
+        x = self.x
+        self._drop_server(reset=not server_closed)
+        for pump in (x.up, x.down):
+            if pump is not None:
+                x.up_bytes += pump.moved if pump is x.up else 0
+                x.down_bytes += pump.moved if pump is x.down else 0
+                pump.close()
+        if isinstance(x.up, ChunkedPump):
+            self.inbuf[:0] = x.up.leftover
+        self._log()
+        if self.close_after:
+            self.state = CLOSING
+            return self._step()
+        self.state = WAIT_REQUEST
+        self.x = Exchange(self.loop.now)
+        self.tried = []
+        self.idle_since = self.loop.now
+        self._arm(self.loop.now + self.frontend.config.timeout_http_keep_alive)
+        if self.inbuf:
+            self.client.readable = True
+        self._step()
+
+    # ------------------------------------------------------------ upgrade
+    def _start_tunnel(self) -> None:
+        self.state = TUNNEL
+        x = self.x
+        x.up = self._pump(self.client, self.server)
+        x.down = self._pump(self.server, self.client)
+        if self.inbuf:
+            self.to_server.data += self.inbuf
+            self.inbuf.clear()
+        if self.sbuf:
+            self.to_client.data += self.sbuf
+
+    def _tunnel(self) -> None:
+        x = self.x
+        now = self.loop.now
+        if not self.to_server.flush(self.server, now) or not self.to_client.flush(self.client, now):
+            pass
+        more = False
+        if not self.to_server.data:
+            more = x.up.run(now)
+        if not self.to_client.data:
+            more = x.down.run(now) or more
+        if more:
+            self.loop.soon(self._step)
+        up_done = x.up.ended and not x.up.queued and not self.to_server.data
+        down_done = x.down.ended and not x.down.queued and not self.to_client.data
+        if down_done:
+            self.client.shutdown()
+        if up_done:
+            self.server.shutdown()
+        if up_done and down_done:
+            self.term = self.term or ("SD" if x.down.fin and not x.up.fin else "CD")
+            self._finish_tunnel()
+
+    def _finish_tunnel(self) -> None:
+        x = self.x
+        x.up_bytes += x.up.moved
+        x.down_bytes += x.down.moved
+        x.up.close()
+        x.down.close()
+        self._drop_server(reset=not x.down.fin)
+        self._log()
+        self._close()
+
+    # ------------------------------------------------------------ failures
+    def _peer_failed(self, e: PeerError) -> None:
+        self.err = errno_name(e.err)
+        x = self.x
+        if e.side is self.client:
+            self.term = self.term or ("C" + self._phase())
+            self._drop_server(reset=True)
+            self._log()
+            return self._close()
+        # The server reset or vanished.
+        if x.response is None and self.state is EXCHANGE:
+            return self._reject(502, self.err, "S" + self._phase())
+        self.term = self.term or ("S" + self._phase())
+        self._drop_server(reset=False)
+        self._log()
+        self.close_after = True
+        self.state = CLOSING
+        self._step()
+
+    def _phase(self) -> str:
+        if self.state is WAIT_REQUEST:
+            return "R"
+        if self.state is CONNECTING:
+            return "C"
+        if self.x.response is None:
+            return "H"
+        return "D"
+
+    def _reject(self, status: int, reason: str, term: str = "") -> None:
+        """Answer STATUS ourselves and close the client connection after it."""
+        x = self.x
+        if x.response is not None:
+            # A response is under way: nothing valid can be said any more.
+            self.term = self.term or term or "PD"
+            self.err = self.err or reason
+            self._drop_server(reset=True)
+            self._log()
+            return self._close()
+        self.term = self.term or term or ("P" + self._phase())
+        self.err = self.err or reason
+        self._drop_server(reset=True)
+        x.status = status
+        if x.connected_at < 0:
+            x.up_bytes = 0  # nothing of this request reached a server
+        self.inbuf.clear()
+        self.to_client.data.clear()
+        errorfile = self.frontend.errorfiles.get(status)
+        if errorfile is not None:
+            fd, size = errorfile
+            self.errorfile = [fd, 0, size]
+            x.down_bytes = size
+        else:
+            page = builtin_page(status)
+            self.to_client.data += page
+            x.down_bytes = len(page)
+        self._log()
+        self.state = CLOSING
+        self._step()
+
+    def _send_errorfile(self) -> bool:
+        """An operator's error page goes out with sendfile; True once sent."""
+        if self.errorfile is None:
+            return True
+        fd, offset, size = self.errorfile
+        while offset < size:
+            if not self.client.writable:
+                return False
+            try:
+                offset += os.sendfile(self.client.fd, fd, offset, size - offset)
+            except BlockingIOError:
+                self.client.writable = False
+                return False
+            except OSError as e:
+                raise PeerError(self.client, e.errno) from None
+            self.errorfile[1] = offset
+        self.errorfile = None
+        return True
+
+    def drain(self) -> None:
+        """The worker is stopping: an idle keep-alive connection goes now."""
+        if self.state is WAIT_REQUEST and not self.inbuf:
+            self._close()
+
+    def _drop_server(self, reset: bool) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        self.loop.forget(server.fd)
+        if reset:
+            try:
+                server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            except OSError:
+                pass
+        server.sock.close()
+        self.server_ref.active -= 1
+        self.sbuf.clear()
+        self.to_server.data.clear()
+
+    # ------------------------------------------------------------ timers
+    def _arm(self, when: float) -> None:
+        if when < self.timer_at:
+            self.timer_at = when
+            self.loop.call_at(when, self)
+
+    def on_timer(self, when: float) -> None:
+        if when != self.timer_at or self.state is CLOSED:
+            return
+        self.timer_at = INF
+        now = self.loop.now
+        expiry, action = self._expiry()
+        if now < expiry:
+            return self._arm(expiry)
+        action()
+
+    def _expiry(self):
+        config = self.frontend.config
+        x = self.x
+        if self.state is WAIT_REQUEST:
+            if not self.inbuf and self.requests:
+                return self.idle_since + config.timeout_http_keep_alive, self._close
+            return x.started + config.timeout_http_request, self._request_timeout
+        if self.state is CONNECTING:
+            return (self.attempt_started + x.backend.config.timeout_connect,
+                    lambda: self._connect_failed(errno.ETIMEDOUT, timed_out=True))
+        if self.state is EXCHANGE and x.response is None and x.sent_at >= 0:
+            return self.server.seen + x.backend.config.timeout_server, self._server_timeout
+        seen = self.client.seen
+        timeout = config.timeout_client
+        if self.server is not None:
+            server_expiry = self.server.seen + x.backend.config.timeout_server if x.backend else INF
+            if server_expiry < seen + timeout:
+                return server_expiry, self._server_timeout
+        return seen + timeout, self._client_timeout
+
+    def _request_timeout(self) -> None:
+        self.term = "cR"
+        self._reject(408, "timeout")
+
+    def _server_timeout(self) -> None:
+        self._reject(504, "timeout", "sH" if self.x.response is None else "sD")
+
+    def _client_timeout(self) -> None:
+        self.term = self.term or "c" + self._phase()
+        self.err = "timeout"
+        self._drop_server(reset=True)
+        self._log()
+        self._close()
+
+    # ------------------------------------------------------------ the end
+    def kill(self) -> None:
+        if self.state is not CLOSED:
+            self.term = "K" + self._phase()
+            self.err = self.err or "stopped"
+            self._drop_server(reset=True)
+            if self.x.request is not None:
+                self._log()
+            self._close()
+
+    def crash(self) -> None:
+        if self.state is not CLOSED:
+            self.term = "P" + self._phase()
+            self.err = "internal error"
+            self._drop_server(reset=True)
+            self._log()
+            self._close()
+
+    def _close(self, log: bool = False) -> None:
+        if self.state is CLOSED:
+            return
+        if log:
+            self._log()
+        self.state = CLOSED
+        self._drop_server(reset=True)
+        self.loop.forget(self.client.fd)
+        self.client.sock.close()
+        self.worker.session_closed(self)
+
+    def _log(self) -> None:
+        x = self.x
+        now = self.loop.now
+        peer = self.peer
+        client = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        backend = x.backend.name if x.backend else "-"
+        server = self.tried[-1].name if x.connected_at >= 0 else "-"
+
+        def ms(t, since=x.started):
+            return int((t - since) * 1000) if t >= 0 else -1
+
+        line = (f'{client} {self.frontend.name} {backend}/{server} "{x.line}" {x.status} '
+                f"Tq={ms(x.head_at)} Tc={ms(x.connected_at, x.head_at if x.head_at >= 0 else x.started)} "
+                f"Tr={ms(x.response_at, x.sent_at) if x.sent_at >= 0 else -1} Tt={ms(now)} "
+                f"up={x.up_bytes} down={x.down_bytes} term={self.term or '--'}")
+        if self.err:
+            line += f" err={self.err}"
+        self.worker.log.access(line)
+        self.term = ""
+        self.err = ""
