@@ -382,7 +382,10 @@ class HttpSession:
             self._read_response_head()
             if self.state is TUNNEL:
                 return self._tunnel()
-            if x.response is None or self.state is not EXCHANGE:
+            if self.state is not EXCHANGE:
+                return
+            if x.response is None:
+                self.to_client.flush(self.client, now)  # interim answers: 100 Continue
                 return
         if not self.to_client.flush(self.client, now):
             return
