@@ -290,15 +290,16 @@ class Proxyd:
         return gens
 
     def worker_of(self, client: socket.socket) -> psutil.Process | None:
-        """The worker holding the proxy's end of CLIENT's connection, if any."""
-        local = client.getsockname()[:2]
+        """The worker holding the proxy's end of CLIENT's connection, if any.
+
+        Asked of `ss -p` with a filter the kernel applies (psutil's
+        net_connections reads all of /proc/net/tcp, slow on a host with many
+        TIME_WAIT sockets)."""
+        host, port = client.getsockname()[:2]
+        pids = {int(p) for line in ss("-tnp", f"( dst {host}:{port} )")
+                for p in re.findall(r"pid=(\d+)", line)}
         for w in self.workers():
-            try:
-                # net_connections() since psutil 6, connections() before
-                conns = getattr(w, "net_connections", getattr(w, "connections", None))(kind="tcp")
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                continue
-            if any(c.raddr and (c.raddr.ip, c.raddr.port) == local for c in conns):
+            if w.pid in pids:
                 return w
         return None
 

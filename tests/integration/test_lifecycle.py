@@ -407,7 +407,7 @@ def test_stopped_worker_is_replaced(backend, tcp_proxy):
     clients = []
     try:
         # Opened while the worker is stopped: about half of them wait in its queue.
-        for i in range(8):
+        for i in range(16):
             client = connect(proxy.port, timeout=15)
             clients.append(client)
             client.sendall(b"queued %d\n" % i)
@@ -421,13 +421,18 @@ def test_stopped_worker_is_replaced(backend, tcp_proxy):
         wait_log(proxy, f"(pid {victim_pid}) has not answered for")
         for i, client in enumerate(clients):
             assert recv_exactly(client, len(b"queued %d\n" % i)) == b"queued %d\n" % i
+        new_pid = next(pid for pid, slot in now.items() if slot == 2)
+        # Some of those had queued on the stopped worker's socket: its
+        # replacement took them from the same kernel queue.
+        held = [getattr(proxy.worker_of(client), "pid", None) for client in clients]
+        assert held.count(new_pid) >= 1, f"sessions by worker pid: {held}; new worker {new_pid}"
+        assert set(held) <= set(now), held
     finally:
         for client in clients:
             client.close()
         if alive(victim):
             os.kill(victim_pid, signal.SIGCONT)  # let the fixture's TERM reach it
 
-    new_pid = next(pid for pid, slot in now.items() if slot == 2)
     assert new_pid != victim_pid
     for i in range(10):
         echo_once(proxy.port, b"after the replacement %d\n" % i)
