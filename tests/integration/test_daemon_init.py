@@ -353,6 +353,41 @@ def test_pidfile_is_written_before_the_command_returns(instance):
         instance.wait_stopped(master, workers)
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_pidfile_is_renamed_into_place_before_the_first_process_exits(instance):
+    """The same property, seen without luck: under `strace -f`, the rename
+    that puts the pidfile in place comes before the exit of the process the
+    shell started.  (strace follows the daemon too, so it returns when the
+    daemon has been stopped.)"""
+    trace = instance.daemons.tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=execve,exit_group,rename,renameat,renameat2", "-o", str(trace),
+         sys.executable, "-m", "proxyd", "-c", str(instance.config), "-D", "-p", str(instance.pidfile)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=instance.daemons.tmp_path, env=python_env())
+    try:
+        master = instance.wait_ready()
+        workers = instance.workers(master)
+        master.terminate()
+        instance.wait_stopped(master, workers)
+        _, err = tracer.communicate(timeout=STOP_TIMEOUT)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.communicate(timeout=STOP_TIMEOUT)
+    lines = trace.read_text().splitlines()
+    first = re.match(r"^(\d+)\s+execve\(", lines[0])
+    assert first, f"strace output starts with {lines[0]!r}"
+    original = first.group(1)
+    exits = [i for i, line in enumerate(lines) if re.match(rf"^{original}\s+exit_group\(", line)]
+    renames = [i for i, line in enumerate(lines)
+               if re.match(r"^\d+\s+rename(at2?)?\(", line) and f'"{instance.pidfile}"' in line]
+    assert exits and renames, f"strace saw exits {exits} and renames {renames}:\n" + "\n".join(lines[-30:])
+    assert renames[0] < exits[0], (
+        f"the process started as `proxyd -D` (pid {original}) exited before the daemon put the "
+        f"pidfile in place:\n{lines[exits[0]]}\n...\n{lines[renames[0]]}")
+
+
 def test_second_start_with_live_pidfile_refuses(instance):
     assert instance.daemonize().returncode == 0
     master = instance.wait_ready()
