@@ -72,6 +72,22 @@ class Side:
         self.seen = now     # last time bytes moved from or to this peer
         self.shut = False   # we sent it our FIN
 
+    def ready(self, mask: int) -> None:
+        """Remember what epoll said; an error or hang-up lets the next call report it."""
+        if mask & (IN | TROUBLE):
+            self.readable = True
+        if mask & (OUT | TROUBLE):
+            self.writable = True
+
+    def close(self, reset: bool) -> None:
+        """Close; with RESET, SO_LINGER {1, 0} makes it an RST: no TIME_WAIT here."""
+        if reset:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            except OSError:
+                pass
+        self.sock.close()
+
     def shutdown(self) -> None:
         """Pass a FIN on to this peer (once)."""
         if not self.shut:
@@ -201,6 +217,10 @@ class CopyPump(Pump):
             self.pipe = None
 
 
+def peer_label(peer: tuple) -> str:
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+
+
 def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
@@ -316,10 +336,7 @@ class TcpSession:
             client.readable = client.writable = True  # let the next call report the error
             if self.state is CONNECTING:
                 return self._end("CC", "client gone")
-        if mask & IN:
-            client.readable = True
-        if mask & OUT:
-            client.writable = True
+        client.ready(mask)
         if self.state is not CONNECTING:
             self._progress()
 
@@ -332,10 +349,7 @@ class TcpSession:
             if mask & OUT:
                 self._connected(mask)
             return
-        if mask & (IN | TROUBLE):
-            server.readable = True
-        if mask & (OUT | TROUBLE):
-            server.writable = True
+        server.ready(mask)
         self._progress()
 
     # ------------------------------------------------------------ relaying
@@ -485,12 +499,7 @@ class TcpSession:
         server = self.server
         if server is not None:
             loop.forget(server.fd)
-            if reset_server:
-                try:
-                    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-                except OSError:
-                    pass
-            server.sock.close()
+            server.close(reset_server)
             self.server_ref.active -= 1
         loop.forget(self.client.fd)
         self.client.sock.close()
@@ -502,8 +511,7 @@ class TcpSession:
         self._log()
 
     def _log(self) -> None:
-        peer = self.peer
-        client = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        client = peer_label(self.peer)
         server = self.tried[-1].name if self.connect_ms >= 0 else "-"
         up = self.up.moved if self.up else 0
         down = self.down.moved if self.down else 0

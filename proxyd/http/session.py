@@ -21,9 +21,9 @@ import socket
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path)
-from proxyd.loop import IN, OUT, TROUBLE
-from proxyd.tcp import (INF, LINGER_RST, RESOURCE_ERRORS, PeerError, Pump, Side, connect_next,
-                        errno_name)
+from proxyd.loop import OUT, TROUBLE
+from proxyd.tcp import (INF, RESOURCE_ERRORS, PeerError, Pump, Side, connect_next, errno_name,
+                        peer_label)
 
 READ_SIZE = 65536
 MAX_RESPONSE_HEAD = 65536
@@ -185,10 +185,7 @@ class HttpSession:
 
     # ------------------------------------------------------------ events
     def _client_ready(self, mask: int) -> None:
-        if mask & (IN | TROUBLE):
-            self.client.readable = True
-        if mask & (OUT | TROUBLE):
-            self.client.writable = True
+        self.client.ready(mask)
         self._step()
 
     def _server_ready(self, mask: int) -> None:
@@ -200,10 +197,7 @@ class HttpSession:
             if mask & OUT:
                 self._connected()
             return
-        if mask & (IN | TROUBLE):
-            server.readable = True
-        if mask & (OUT | TROUBLE):
-            server.writable = True
+        server.ready(mask)
         self._step()
 
     def _step(self) -> None:
@@ -404,7 +398,6 @@ class HttpSession:
         self._exchange_done(server_closed=down is not None and down.fin)
 
     def _read_response_head(self) -> None:
-        x = self.x
         server = self.server
         while True:
             end = self.sbuf.find(b"\r\n\r\n")
@@ -426,6 +419,7 @@ class HttpSession:
             except OSError as e:
                 raise PeerError(server, e.errno) from None
             if not data:
+                self.term = "SH"
                 raise HttpError(502, "server closed before a complete response head")
             server.seen = self.loop.now
             self.sbuf += data
@@ -638,12 +632,7 @@ class HttpSession:
         if server is None:
             return
         self.loop.forget(server.fd)
-        if reset:
-            try:
-                server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-            except OSError:
-                pass
-        server.sock.close()
+        server.close(reset)
         self.server_ref.active -= 1
         self.sbuf.clear()
         self.to_server.data.clear()
@@ -730,8 +719,7 @@ class HttpSession:
     def _log(self) -> None:
         x = self.x
         now = self.loop.now
-        peer = self.peer
-        client = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        client = peer_label(self.peer)
         backend = x.backend.name if x.backend else "-"
         server = self.tried[-1].name if x.connected_at >= 0 else "-"
 
