@@ -354,7 +354,7 @@ class HttpSession:
         self.server.seen = self.client.seen = now
         if x.up is not None:
             x.up.dst = self.server
-        self._exchange()
+        self._step()
 
     # ------------------------------------------------------------ request & response
     def _exchange(self) -> None:
