@@ -19,12 +19,11 @@ import json
 import re
 import select
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.support import (IO_TIMEOUT, LOCALHOST, LOG_LINE, Backend, ConnRecord, wait_for)
+from tests.support import LOCALHOST, LOG_LINE, Backend, ConnRecord, wait_for
 
 CRLF = b"\r\n"
 MAX_HEAD = 1 << 20  # the backend's and the client's own bound on a head
@@ -657,7 +656,7 @@ HTTP_ACCESS_LINE = re.compile(
     r'^(?P<client>\S+) (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+)'
     r' "(?P<request>.*)" (?P<status>-?\d+)'
     r' Tq=(?P<Tq>-?\d+) Tc=(?P<Tc>-?\d+) Tr=(?P<Tr>-?\d+) Tt=(?P<Tt>-?\d+)'
-    r' up=(?P<up>\d+) down=(?P<down>\d+) term=(?P<term>\S\S)(?: err=(?P<err>\S+))?$')
+    r' up=(?P<up>\d+) down=(?P<down>\d+) term=(?P<term>\S\S)(?: err=(?P<err>.+))?$')
 
 
 @dataclass(frozen=True)
