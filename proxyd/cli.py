@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 
 from proxyd import __version__, config as config_module
@@ -51,19 +52,29 @@ def main(argv=None) -> int:
         running = running_pid(pidfile)
         if running:
             return fail(f"already running (pid {running}, from {pidfile})")
+    raise_fd_limit()
     listeners = Listeners()
     try:
         listeners.bind(config, config.global_.workers)
     except BindError as e:
         return fail(f"{args.config}: {e}")
+    ready = None
     if args.daemon:
         if config.global_.log == "stderr":
             print("proxyd: note: with -D, log = \"stderr\" goes to /dev/null; "
                   "set global.log to a file or syslog", file=sys.stderr)
-        daemonize()
+        ready = daemonize()
         log.set_tag("proxyd")
     if pidfile:
-        write_pidfile(pidfile)
+        try:
+            write_pidfile(pidfile)
+        except OSError as e:
+            message = f"cannot write pidfile {pidfile}: {e.strerror}"
+            if ready is not None:
+                os.write(ready, message.encode())
+            return fail(message)
+    if ready is not None:
+        os.close(ready)  # the waiting parent exits 0: the pidfile is there
     from proxyd.master import Master
 
     try:
@@ -106,12 +117,12 @@ def running_pid(pidfile: str) -> int:
     if pid <= 0 or pid == os.getpid():
         return 0
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return 0
-    except PermissionError:
-        return pid
-    return pid
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return 0   # no such process
+    # A pid recycled by another program is not "proxyd already running".
+    return pid if b"proxyd" in cmdline else 0
 
 
 def write_pidfile(pidfile: str) -> None:
@@ -122,10 +133,24 @@ def write_pidfile(pidfile: str) -> None:
     os.replace(tmp, pidfile)
 
 
-def daemonize() -> None:
-    """Double fork, new session, umask 022, cwd /, stdio to /dev/null."""
+def daemonize() -> int:
+    """Double fork, new session, umask 022, cwd /, stdio to /dev/null.
+
+    The command returns only once the daemon is ready (pidfile written), as
+    daemon(7) asks, so `proxyd -D -p F && kill -HUP $(cat F)` works: the
+    first process waits on a pipe and exits 1 with whatever error the daemon
+    writes there, 0 when it is closed empty.  Returns the pipe's write end.
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
     if os.fork():
-        os._exit(0)
+        os.close(write_end)
+        message = b""
+        while chunk := os.read(read_end, 4096):
+            message += chunk
+        if message:
+            print(f"proxyd: {message.decode(errors='replace')}", file=sys.stderr)
+        os._exit(1 if message else 0)
+    os.close(read_end)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -136,3 +161,11 @@ def daemonize() -> None:
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return write_end
+
+
+def raise_fd_limit() -> None:
+    """Every client connection costs two fds: take all the kernel allows us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -59,6 +59,15 @@ def duration(raw: Any, path: str) -> float:
     return seconds
 
 
+def duration_at_least(minimum: float) -> Callable[[Any, str], float]:
+    def parse(raw: Any, path: str) -> float:
+        seconds = duration(raw, path)
+        if seconds < minimum:
+            raise ConfigError(path, f"must be at least {minimum:g}s, got {raw!r}")
+        return seconds
+    return parse
+
+
 def boolean(raw: Any, path: str) -> bool:
     if not isinstance(raw, bool):
         raise ConfigError(path, f"expected true or false, got {raw!r}")
@@ -241,7 +250,7 @@ GLOBAL_KEYS = (
     Key("log_level", choice(*LOG_LEVELS), "info", "least severe message logged; access logs are info"),
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),
-    Key("worker_timeout", duration, 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
+    Key("worker_timeout", duration_at_least(2.0), 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
     Key("max_draining", integer(1, 100), 2,
         "old generations allowed to drain at once; a reload beyond it stops the oldest now"),
 )

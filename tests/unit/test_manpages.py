@@ -113,7 +113,7 @@ def expected_default(key):
         return "Default: unset"
     if isinstance(value, (dict, tuple, list)) and not value:
         return "Default: none"
-    if key.parse is config.duration:
+    if isinstance(value, float):  # durations are the only float keys
         return f'Default: \\fB"{value:g}s"\\fR'
     if isinstance(value, bool):
         return f"Default: \\fB{str(value).lower()}\\fR"
