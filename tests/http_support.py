@@ -19,6 +19,7 @@ import json
 import re
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -277,14 +278,26 @@ class HTTPBackend(Backend):
     the body.
     early: answer as soon as the head is read, without reading the body,
     then read until the proxy ends the connection.
+    accept: with False, nothing is accepted until `accepting.set()` (with a
+    small BACKLOG, connections then wait in the kernel, or hang once its
+    queue is full: see fill_backlog).
     """
 
     def __init__(self, reply=None, name: str = "http", expect_continue: bool = True, early: bool = False,
-                 backlog: int = 1024):
+                 backlog: int = 1024, accept: bool = True):
         self.reply = reply if reply is not None else echo_reply
         self.expect_continue = expect_continue
         self.early = early
+        self.accepting = threading.Event()
+        if accept:
+            self.accepting.set()
         super().__init__(self._handle, name=name, backlog=backlog)
+
+    def _accept_loop(self) -> None:
+        while not self.accepting.wait(0.1):
+            if self.stopping.is_set():
+                return
+        super()._accept_loop()
 
     # ------------------------------------------------------------ serving
     def _reply_for(self, req: Request) -> Reply:

@@ -22,8 +22,8 @@ import pytest
 
 from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
                                 echo_reply, fill_backlog, get, http_config, wait_http_access_lines)
-from tests.support import (LOCALHOST, Proxyd, free_port, payload, settle_towards, sha256,
-                           timewait_towards, write_config)
+from tests.support import (LOCALHOST, LOG_LINE, Proxyd, free_port, payload, settle_towards, sha256, ss,
+                           states_towards, timewait_towards, wait_for, write_config)
 
 MiB = 1 << 20
 
@@ -458,6 +458,7 @@ HEAD_VECTORS = [
     ("host-missing-http11", 400, _get(b"")),
     ("host-twice", 400, _get(b"Host: a.example\r\nHost: b.example\r\n")),
     ("request-line-double-space", 400, b"GET  /vector HTTP/1.1\r\n" + HOST + b"\r\n"),
+    ("request-target-control-char", 400, b"GET /vec\x01tor HTTP/1.1\r\n" + HOST + b"\r\n"),
     ("request-line-no-version", 400, b"GET /vector\r\n" + HOST + b"\r\n"),
     ("version-http2", 505, b"GET /vector HTTP/2.0\r\n" + HOST + b"\r\n"),
     ("connect", 501, b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n"),
@@ -496,13 +497,21 @@ def shared_proxy(tmp_path_factory):
         server.close()
 
 
-def _send_vector(proxy, server, vector_id: str, raw: bytes, status: int):
-    """Send RAW + a smuggled request in one write; expect one own answer
-    with STATUS, then the connection closed.  Returns the number of server
-    connections before, and the ones made meanwhile other than the barrier's."""
+def _send_vector(proxy, server, vector_id: str, raw: bytes, status: int, split_at: int | None = None):
+    """Send RAW + a smuggled request in one write (or, with SPLIT_AT, the
+    bytes from there on only once the server has received the head); expect
+    one own answer with STATUS, then the connection closed.  Returns the
+    number of server connections before, and the ones made meanwhile other
+    than the barrier's."""
     before = len(server.connections())
     with HTTPClient(proxy.port) as client:
-        client.send(raw + SMUGGLED)
+        data = raw + SMUGGLED
+        if split_at is not None:
+            client.send(data[:split_at])
+            wait_for(lambda: server.saw(b"POST /vector ", since=before)
+                     and server.conns()[-1].raw.endswith(b"\r\n\r\n"), 10, "the head to reach the server")
+            data = data[split_at:]
+        client.send(data)
         try:
             resp = client.read_response()
         except (AssertionError, OSError) as e:
@@ -526,15 +535,59 @@ def test_smuggling_vector_rejected_in_head(vector_id, status, raw, shared_proxy)
     assert not server.saw(b"/smuggled", since=before)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "body-after-head-forwarded"])
 @pytest.mark.parametrize("vector_id,raw,poison", BODY_VECTORS, ids=[v[0] for v in BODY_VECTORS])
-def test_smuggling_vector_rejected_in_chunked_body(vector_id, raw, poison, shared_proxy):
+def test_smuggling_vector_rejected_in_chunked_body(vector_id, raw, poison, split, shared_proxy):
+    """In one write, or the body only once the server has the head (as it
+    must for Expect: 100-continue): proxyd is then relaying the body and
+    finds the bad framing there."""
     proxy, server = shared_proxy
-    before, others = _send_vector(proxy, server, vector_id, raw, 400)
+    head_end = raw.index(b"\r\n\r\n") + 4
+    before, others = _send_vector(proxy, server, vector_id, raw, 400, split_at=head_end if split else None)
     for conn in others:
         assert poison not in conn.raw and b"/smuggled" not in conn.raw, \
             f"the server saw the bad framing: {bytes(conn.raw[-300:])!r}"
         assert conn.request is None, f"the server got a complete request: {bytes(conn.raw[-300:])!r}"
     assert not server.saw(b"/smuggled", since=before)
+
+
+def _recv_q(port: int, peer_port: int) -> int | None:
+    """Bytes waiting in the receive queue of the socket :PORT <-> :PEER_PORT."""
+    lines = ss("-tn", f"( sport = :{port} and dport = :{peer_port} )")
+    return int(lines[0].split()[1]) if lines else None
+
+
+def test_bad_chunk_arriving_while_connecting_is_rejected(http_backend, http_proxy):
+    """The head is complete, proxyd is connecting (the server's accept queue
+    is full, so its SYN waits for a retransmission), and meanwhile a bad
+    chunk arrives: once connected, proxyd answers 400 and forwards neither
+    the bad framing nor the request smuggled behind it."""
+    server = http_backend(name="slow-accept", backlog=0, accept=False)
+    held = fill_backlog(server.port)
+    proxy = http_proxy({"app": {"servers": [server], "timeout_connect": "10s", "retries": 0}})
+    raw = _post(CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n") + SMUGGLED
+    head_end = raw.index(b"\r\n\r\n") + 4
+    try:
+        with HTTPClient(proxy.port) as client:
+            client.send(raw[:head_end])
+            wait_for(lambda: "SYN-SENT" in states_towards(server.port), 10, "proxyd connecting to the server")
+            client.send(raw[head_end:])
+            client_port = client.sock.getsockname()[1]
+            try:  # proxyd may or may not read while connecting: not asserted
+                wait_for(lambda: _recv_q(proxy.port, client_port) == 0, 5, "proxyd to read the body")
+            except AssertionError:
+                pass
+            server.accepting.set()  # room in the queue: the retransmitted SYN gets in
+            assert_own_error(client.read_response("POST"), 400)
+            rest, how = client.rest_and_close()
+            assert rest == b""
+    finally:
+        for s in held:
+            s.close()
+    assert not server.saw(b"zz\r\n") and not server.saw(b"/smuggled")
+    assert server.requests() == []
+    log = proxy.log_text()
+    assert "unexpected error" not in log and "Traceback" not in log, proxy.log_tail()
 
 
 # -------------------------------------------------------- limits and timeouts
@@ -776,6 +829,40 @@ def test_access_line_per_request(http_backend, http_proxy):
     assert (line.client, line.status, line.term, line.server) == (bad_address, 400, "PR", "-"), line.raw
     assert (line.Tc, line.Tr) == (-1, -1), line.raw
     assert line.method == "GET", line.raw
+
+
+FORGED = ('2026-01-01T00:00:00.000Z proxyd[1]: 10.9.9.9:1 fe app/s1 "GET /forged HTTP/1.1" 200 '
+          'Tq=0 Tc=0 Tr=0 Tt=0 up=1 down=1 term=--').encode()
+
+
+def test_access_lines_cannot_be_forged_by_request_bytes(http_backend, http_proxy):
+    """Whatever a client sends, each log line is one `TIME proxyd[PID]:`
+    line (docs/CONTRACT.md, "Log lines"): a bare LF or CR in a request line
+    does not start a line of the client's making, and control characters
+    (terminal escapes, NUL, CR) never reach the log raw."""
+    app = http_backend()
+    proxy = http_proxy([app])
+    attempts = [
+        b"GET /lf HTTP/1.1\n" + FORGED + b"\r\nHost: example.test\r\n\r\n",
+        b"GET /cr HTTP/1.1\r" + FORGED + b"\r\nHost: example.test\r\n\r\n",
+        b"GET /esc\x1b[2J\x1b[31mred HTTP/1.1\r\nHost: example.test\r\n\r\n",
+        b"GET /nul\x00 HTTP/1.1\r\nHost: example.test\r\n\r\n",
+    ]
+    for raw in attempts:
+        with HTTPClient(proxy.port) as client:
+            client.send(raw)
+            resp = client.read_response()
+            assert_own_error(resp, 505 if resp.status == 505 else 400)  # which one is not the point here
+            client.rest_and_close()
+    wait_for(lambda: len(re.findall(r'" (?:400|505) Tq=', proxy.log_text())) >= len(attempts), 10,
+             "an access line for each rejected request")
+
+    text = proxy.log_text()
+    bad = [line for line in text.split("\n")[:-1] if not LOG_LINE.match(line)]
+    assert not bad, f"log lines not of proxyd's making: {bad}"
+    assert not any(FORGED.decode() in line[:len(FORGED) + 1] for line in text.split("\n")), text
+    controls = re.findall(r"[\x00-\x08\x0b-\x1f\x7f]", text)
+    assert not controls, f"raw control characters in the log: {sorted(set(controls))!r}"
 
 
 # --------------------------------------------------------------------- fuzz
