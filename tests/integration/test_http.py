@@ -344,6 +344,79 @@ def test_responses_without_a_body_keep_the_connection_in_step(http_backend, http
     assert len(app.wait_requests(4)) == 4
 
 
+def test_bad_chunked_response_is_cut_not_completed(http_backend, http_proxy):
+    """A chunked response whose framing breaks mid-body: the bad framing and
+    what follows never reach the client, the response is never completed,
+    and the connection ends (it could not be in step any more).  Whatever
+    proxyd sent (a 502, part of the response, or nothing), its access line
+    says so: the status sent (-1 if none) and the bytes delivered."""
+    app = http_backend(Reply(raw=b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"5\r\nhello\r\nzz\r\nHTTP/1.1 200 OK\r\nX-Smuggled: 1\r\n\r\n"))
+    proxy = http_proxy([app])
+    with HTTPClient(proxy.port) as client:
+        client.send(build_request("GET", "/bad-chunked-response"))
+        data, how = client.rest_and_close()
+    assert b"zz" not in data and b"X-Smuggled" not in data, data
+    sent = re.match(rb"HTTP/1\.1 (\d{3}) ", data)
+    if sent and sent[1] == b"200":
+        assert not data.endswith(b"0\r\n\r\n"), f"the response was completed: {data!r}"
+    line = wait_http_access_lines(proxy, 1)[0]
+    assert (line.status, line.down) == (int(sent[1]) if sent else -1, len(data)), \
+        f"the client got {len(data)} bytes ({data[:60]!r}), the log says: {line.raw}"
+
+
+def test_short_response_body_closes_the_client_connection(http_backend, http_proxy):
+    """The server closes before its Content-Length is complete: the client
+    sees the truncation as a close, not a keep-alive connection out of step."""
+    app = http_backend(Reply(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"))
+    proxy = http_proxy([app])
+    with HTTPClient(proxy.port) as client:
+        client.send(build_request("GET", "/short"))
+        head = client.read_until(b"\r\n\r\n")
+        assert head is not None and head.startswith(b"HTTP/1.1 200 "), head
+        rest, how = client.rest_and_close()
+        assert rest == b"only this"
+    line = wait_http_access_lines(proxy, 1)[0]
+    assert (line.status, line.term) == (200, "SD"), line.raw
+
+
+def test_requests_after_connection_close_are_not_forwarded(http_backend, http_proxy):
+    app = http_backend()
+    proxy = http_proxy([app])
+    with HTTPClient(proxy.port) as client:
+        client.send(build_request("GET", "/last-one", [("Connection", "close")])
+                    + build_request("GET", "/smuggled"))
+        resp = client.read_response()
+        assert resp.json()["target"] == "/last-one"
+        rest, how = client.rest_and_close()
+        assert rest == b"", rest[:300]
+    app.wait_done(1)
+    assert not app.saw(b"/smuggled") and len(app.conns()) == 1
+
+
+def test_body_after_an_early_final_response_is_not_a_request(http_backend, http_proxy):
+    """Expect: 100-continue, and the server answers 401 at once without a 100;
+    the client sends its body anyway (RFC 9110 lets it), then another
+    request: the body is never taken for a request, whatever bytes it holds.
+    proxyd may close the connection, or skip the body and answer the next."""
+    app = http_backend(lambda req: Reply(status=401, reason="Unauthorized", body=req.target.encode()), early=True)
+    proxy = http_proxy([app])
+    body = build_request("GET", "/smuggled")
+    head = build_request("POST", "/upload", [("Expect", "100-continue")], body)[:-len(body)]
+    with HTTPClient(proxy.port) as client:
+        client.send(head)
+        resp = client.read_response("POST")
+        assert (resp.status, resp.body) == (401, b"/upload"), resp.head
+        try:
+            client.send(body + build_request("GET", "/follow-up"))
+            following = client.read_response()
+        except (AssertionError, OSError):
+            following = None  # closed: fine
+        if following is not None:
+            assert following.body == b"/follow-up", f"a response to the body: {following.head + following.body!r}"
+    assert not app.saw(b"GET /smuggled"), [bytes(c.raw) for c in app.conns()]
+
+
 # ---------------------------------------------------------------- HTTP/1.0
 
 def test_http10_without_keepalive_is_closed_after_the_response(http_backend, http_proxy):
