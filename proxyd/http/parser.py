@@ -13,6 +13,7 @@ import re
 
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
+ANY_VERSION_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9.]+")
 STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3}) ([\t\x20-\x7e\x80-\xff]*)")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 DIGITS = re.compile(rb"\d{1,18}")
@@ -103,7 +104,7 @@ def parse_request(head: bytes) -> Message:
     lines = _lines(head, 400)
     match = REQUEST_LINE.fullmatch(lines[0])
     if not match:
-        if lines[0].count(b" ") == 2 and lines[0].rsplit(b" ", 1)[1].startswith(b"HTTP/"):
+        if ANY_VERSION_LINE.fullmatch(lines[0]):
             raise HttpError(505, "unsupported HTTP version")
         raise HttpError(400, "malformed request line")
     method, target, major, minor = match.groups()

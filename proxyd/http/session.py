@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 
 from proxyd.http.errors import builtin_page
@@ -30,6 +31,16 @@ MAX_RESPONSE_HEAD = 65536
 # Session states
 WAIT_REQUEST, CONNECTING, EXCHANGE, TUNNEL, CLOSING, CLOSED = (
     "wait-request", "connecting", "exchange", "tunnel", "closing", "closed")
+
+
+LOG_SAFE = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")  # printable, no '"' nor '\\'
+
+
+def log_safe(raw: bytes) -> str:
+    """Request bytes for the access log: nothing in them can end or forge a line."""
+    if LOG_SAFE.fullmatch(raw):
+        return raw.decode("ascii")
+    return "".join(chr(b) if LOG_SAFE.fullmatch(bytes((b,))) else f"\\x{b:02x}" for b in raw)
 
 
 class ChunkedPump:
@@ -100,10 +111,11 @@ class ChunkedPump:
 class BytesOut:
     """Bytes made in Python (heads, the start of a body) on their way to a socket."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "sent")
 
     def __init__(self):
         self.data = bytearray()
+        self.sent = 0   # bytes written, for the access log
 
     def flush(self, side: Side, now: float) -> bool:
         """Write what can be written; True once nothing is left."""
@@ -118,6 +130,7 @@ class BytesOut:
             except OSError as e:
                 raise PeerError(side, e.errno) from None
             del self.data[:n]
+            self.sent += n
             side.seen = now
         return True
 
@@ -126,7 +139,7 @@ class Exchange:
     """One request and its response."""
 
     __slots__ = ("request", "backend", "started", "head_at", "connected_at", "sent_at", "response_at",
-                 "status", "up", "down", "up_bytes", "down_bytes", "response", "client_keepalive",
+                 "status", "up", "down", "own_page", "response", "client_keepalive",
                  "line")
 
     def __init__(self, now: float):
@@ -137,8 +150,7 @@ class Exchange:
         self.status = -1
         self.up = None          # request body pump (Pump with a limit, or ChunkedPump)
         self.down = None        # response body pump
-        self.up_bytes = 0       # head bytes; pumps add theirs
-        self.down_bytes = 0
+        self.own_page = 0       # size of an answer of proxyd's own
         self.response: Message | None = None
         self.client_keepalive = False
         self.line = "-"
@@ -253,7 +265,7 @@ class HttpSession:
         first_line = head.split(b"\r\n", 1)[0]
         if len(first_line) > config.max_request_line:
             raise HttpError(414, "request line too long")
-        self.x.line = first_line.decode("latin-1")
+        self.x.line = log_safe(first_line)
         self._start_exchange(parse_request(head), first_line)
 
     def _start_exchange(self, request: Message, first_line: bytes) -> None:
@@ -281,7 +293,6 @@ class HttpSession:
         else:
             extra.append(b"Connection: close")
         head = forwarded_head(first_line, request, extra)
-        x.up_bytes = len(head)
         self.to_server.data += head
         self._body_start()
         self.requests += 1
@@ -306,13 +317,11 @@ class HttpSession:
             x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf))
             self.inbuf = bytearray(x.up.leftover)
             self.to_server.data += x.up.out
-            x.up_bytes += len(x.up.out)
             x.up.out.clear()
             x.up.queued = 0
         elif request.length > 0:
             have = min(len(self.inbuf), request.length)
             self.to_server.data += self.inbuf[:have]
-            x.up_bytes += have
             del self.inbuf[:have]
             if request.length > have:
                 x.up = self._pump(self.client, None)
@@ -436,8 +445,6 @@ class HttpSession:
             return False
         if response.status == 101 and not x.request.upgrade:
             raise HttpError(502, "101 without an upgrade request")
-        x.response = response
-        x.status = response.status
         x.response_at = self.loop.now
         no_body = x.request.method == b"HEAD" or response.status in (204, 304)
         upgrade = response.status == 101 and x.request.upgrade
@@ -451,24 +458,25 @@ class HttpSession:
             self.close_after = True
         elif x.request.version == 10:
             extra.append(b"Connection: keep-alive")
-        out = forwarded_head(status_line, response, extra)
-        self.to_client.data += out
-        x.down_bytes = len(out)
+        if response.chunked and not no_body:
+            # Check the framing of what came with the head before sending
+            # anything: bad framing here is still a clean 502.
+            x.down = ChunkedPump(self.server, self.client, 502, bytes(self.sbuf))
+        x.response = response
+        x.status = response.status
+        self.to_client.data += forwarded_head(status_line, response, extra)
         if upgrade:
             self._start_tunnel()
         elif no_body:
             pass
         elif response.chunked:
-            x.down = ChunkedPump(self.server, self.client, 502, bytes(self.sbuf))
             self.to_client.data += x.down.out
-            x.down_bytes += len(x.down.out)
             x.down.out.clear()
             x.down.queued = 0
         else:
             length = response.length
             have = len(self.sbuf) if length < 0 else min(len(self.sbuf), length)
             self.to_client.data += self.sbuf[:have]
-            x.down_bytes += have
             if length < 0 or length > have:
                 x.down = self._pump(self.server, self.client)
                 if length > have:
@@ -482,8 +490,6 @@ class HttpSession:
         self._drop_server(reset=not server_closed)
         for pump in (x.up, x.down):
             if pump is not None:
-                x.up_bytes += pump.moved if pump is x.up else 0
-                x.down_bytes += pump.moved if pump is x.down else 0
                 pump.close()
         if isinstance(x.up, ChunkedPump):
             self.inbuf[:0] = x.up.leftover
@@ -536,8 +542,6 @@ class HttpSession:
 
     def _finish_tunnel(self) -> None:
         x = self.x
-        x.up_bytes += x.up.moved
-        x.down_bytes += x.down.moved
         x.up.close()
         x.down.close()
         self._drop_server(reset=not x.down.fin)
@@ -577,6 +581,8 @@ class HttpSession:
         x = self.x
         if x.response is not None:
             # A response is under way: nothing valid can be said any more.
+            if not self.to_client.sent and not (x.down is not None and x.down.moved):
+                x.status = -1   # and the client got nothing of it
             self.term = self.term or term or "PD"
             self.err = self.err or reason
             self._drop_server(reset=True)
@@ -586,19 +592,17 @@ class HttpSession:
         self.err = self.err or reason
         self._drop_server(reset=True)
         x.status = status
-        if x.connected_at < 0:
-            x.up_bytes = 0  # nothing of this request reached a server
         self.inbuf.clear()
         self.to_client.data.clear()
         errorfile = self.frontend.errorfiles.get(status)
         if errorfile is not None:
             fd, size = errorfile
             self.errorfile = [fd, 0, size]
-            x.down_bytes = size
+            x.own_page = size
         else:
             page = builtin_page(status)
             self.to_client.data += page
-            x.down_bytes = len(page)
+            x.own_page = len(page)
         self._log()
         self.state = CLOSING
         self._step()
@@ -720,6 +724,10 @@ class HttpSession:
         x = self.x
         now = self.loop.now
         client = peer_label(self.peer)
+        # Bytes as delivered: what left our buffers and pumps, not what was queued.
+        up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
+        down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
+        self.to_server.sent = self.to_client.sent = 0
         backend = x.backend.name if x.backend else "-"
         server = self.tried[-1].name if x.connected_at >= 0 else "-"
 
@@ -729,7 +737,7 @@ class HttpSession:
         line = (f'{client} {self.frontend.name} {backend}/{server} "{x.line}" {x.status} '
                 f"Tq={ms(x.head_at)} Tc={ms(x.connected_at, x.head_at if x.head_at >= 0 else x.started)} "
                 f"Tr={ms(x.response_at, x.sent_at) if x.sent_at >= 0 else -1} Tt={ms(now)} "
-                f"up={x.up_bytes} down={x.down_bytes} term={self.term or '--'}")
+                f"up={up} down={down} term={self.term or '--'}")
         if self.err:
             line += f" err={self.err}"
         self.worker.log.access(line)
