@@ -22,7 +22,7 @@ import pytest
 
 from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
                                 echo_reply, fill_backlog, get, http_config, wait_http_access_lines)
-from tests.support import (LOCALHOST, LOG_LINE, Proxyd, free_port, payload, settle_towards, sha256, ss,
+from tests.support import (LOCALHOST, LOG_LINE, Proxyd, free_port, payload, settle_towards, sha256,
                            states_towards, timewait_towards, wait_for, write_config)
 
 MiB = 1 << 20
@@ -630,12 +630,6 @@ def test_smuggling_vector_rejected_in_chunked_body(vector_id, raw, poison, split
     assert not server.saw(b"/smuggled", since=before)
 
 
-def _recv_q(port: int, peer_port: int) -> int | None:
-    """Bytes waiting in the receive queue of the socket :PORT <-> :PEER_PORT."""
-    lines = ss("-tn", f"( sport = :{port} and dport = :{peer_port} )")
-    return int(lines[0].split()[1]) if lines else None
-
-
 def test_bad_chunk_arriving_while_connecting_is_rejected(http_backend, http_proxy):
     """The head is complete, proxyd is connecting (the server's accept queue
     is full, so its SYN waits for a retransmission), and meanwhile a bad
@@ -651,11 +645,6 @@ def test_bad_chunk_arriving_while_connecting_is_rejected(http_backend, http_prox
             client.send(raw[:head_end])
             wait_for(lambda: "SYN-SENT" in states_towards(server.port), 10, "proxyd connecting to the server")
             client.send(raw[head_end:])
-            client_port = client.sock.getsockname()[1]
-            try:  # proxyd may or may not read while connecting: not asserted
-                wait_for(lambda: _recv_q(proxy.port, client_port) == 0, 5, "proxyd to read the body")
-            except AssertionError:
-                pass
             server.accepting.set()  # room in the queue: the retransmitted SYN gets in
             assert_own_error(client.read_response("POST"), 400)
             rest, how = client.rest_and_close()
