@@ -44,6 +44,10 @@ class Loop:
         self.handlers[fd] = handler
         self.epoll.register(fd, events)
 
+    def rebind(self, fd: int, handler) -> None:
+        """Events of FD go to HANDLER from now on (the socket changed owner)."""
+        self.handlers[fd] = handler
+
     def remove(self, fd: int) -> None:
         """Stop watching FD before it is closed (or handed elsewhere)."""
         if self.handlers.pop(fd, None) is not None:

@@ -265,12 +265,35 @@ class TcpSession:
     )
 
     def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
+        self._setup(worker, frontend, frontend.backend, Side(sock, worker.loop.now), peer)
+        self.loop.add(self.client.fd, self.on_client)
+        worker.session_opened(self)
+        self._connect()
+
+    @classmethod
+    def adopt(cls, previous, backend, client: Side, server: Side, server_ref) -> "TcpSession":
+        """Take over PREVIOUS's connected pair as a TCP relay: an HTTP connection
+        upgraded by a 101 goes on with everything this class knows about closing."""
+        self = cls.__new__(cls)
+        worker = previous.worker
+        self._setup(worker, previous.frontend, backend, client, previous.peer)
+        worker.session_handed_over(previous, self)
+        self.server, self.server_ref = server, server_ref
+        self.tried.append(server_ref)
+        # Same fds, same epoll interest: only who handles their events changes.
+        self.loop.rebind(client.fd, self.on_client)
+        self.loop.rebind(server.fd, self.on_server)
+        client.readable = True
+        self._connected(IN)
+        return self
+
+    def _setup(self, worker, frontend, backend, client: Side, peer: tuple) -> None:
         loop = worker.loop
         self.worker = worker
         self.loop = loop
         self.frontend = frontend
-        self.backend = frontend.backend
-        self.client = Side(sock, loop.now)
+        self.backend = backend
+        self.client = client
         self.server: Side | None = None
         self.peer = peer
         self.server_ref = None   # balance.Server we are connected/connecting to
@@ -288,9 +311,6 @@ class TcpSession:
         self.err = ""
         self.on_client = self._client_ready
         self.on_server = self._server_ready
-        loop.add(self.client.fd, self.on_client)
-        worker.session_opened(self)
-        self._connect()
 
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:

@@ -289,6 +289,10 @@ class Worker:
         self.active += 1
         session.frontend.active += 1
 
+    def session_handed_over(self, old, new) -> None:
+        self.sessions.discard(old)
+        self.sessions.add(new)
+
     def session_closed(self, session) -> None:
         self.sessions.discard(session)
         self.active -= 1

@@ -18,7 +18,9 @@ STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3}) ([\t\x20-\x7e\x80-\xff]*)")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 DIGITS = re.compile(rb"\d{1,18}")
 CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-                        rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"[^\"\\\r\n]*\"))?)*)")
+                        rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|"
+                        rb"\"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*\"))?)*)")
+END_TO_END = {b"host"}  # never dropped, whatever Connection names
 KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"x-compress"}
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
               b"transfer-encoding", b"content-length"}  # the last two are framing: re-added as parsed
@@ -150,6 +152,19 @@ def host_without_port(host: bytes) -> str:
     return text.rsplit(":", 1)[0] if ":" in text else text
 
 
+def target_host(target: bytes) -> bytes:
+    """The host of an absolute-form target ("http://host:port/x"), else b"".
+
+    RFC 9112 3.2.2: with an absolute-form target, Host is ignored in favour
+    of the target's own authority; routing must look at the same host.
+    """
+    lower = target[:8].lower()
+    if lower.startswith(b"http://") or lower.startswith(b"https://"):
+        authority = target.split(b"://", 1)[1].split(b"/", 1)[0]
+        return authority.rsplit(b"@", 1)[-1]
+    return b""
+
+
 def request_path(target: bytes) -> str:
     """The path of an origin-form or absolute-form target."""
     text = target.decode("latin-1")
@@ -161,7 +176,7 @@ def request_path(target: bytes) -> str:
 
 def forwarded_head(first_line: bytes, message: Message, extra: list[bytes]) -> bytes:
     """FIRST_LINE, the end-to-end headers of MESSAGE, its framing, then EXTRA lines."""
-    drop = HOP_BY_HOP | message.connection
+    drop = HOP_BY_HOP | (message.connection - END_TO_END)
     lines = [first_line]
     lines += [name + b": " + value for lower, name, value in message.headers if lower not in drop]
     if message.chunked:

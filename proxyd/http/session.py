@@ -21,10 +21,10 @@ import socket
 
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
-                                parse_request, parse_response, request_path)
+                                parse_request, parse_response, request_path, target_host)
 from proxyd.loop import OUT, TROUBLE
-from proxyd.tcp import (INF, RESOURCE_ERRORS, PeerError, Pump, Side, connect_next, errno_name,
-                        peer_label)
+from proxyd.tcp import (INF, RESOURCE_ERRORS, PeerError, Pump, Side, TcpSession, connect_next,
+                        errno_name, peer_label)
 
 READ_SIZE = 65536
 MAX_RESPONSE_HEAD = 65536
@@ -50,9 +50,10 @@ class ChunkedPump:
     pipelined request) and are kept in `leftover`.
     """
 
-    __slots__ = ("src", "dst", "decoder", "out", "moved", "ended", "fin", "queued", "leftover")
+    __slots__ = ("src", "dst", "decoder", "out", "moved", "ended", "fin", "queued", "leftover", "max_size")
 
-    def __init__(self, src: Side, dst: Side, bad_status: int, initial: bytes):
+    def __init__(self, src: Side, dst: Side, bad_status: int, initial: bytes, max_size: int = 0):
+        self.max_size = max_size  # payload bytes allowed, 0 = no limit (413 beyond)
         self.src = src
         self.dst = dst
         self.decoder = ChunkedDecoder(bad_status)
@@ -65,6 +66,8 @@ class ChunkedPump:
 
     def _take(self, data) -> None:
         used = self.decoder.feed(data)
+        if self.max_size and self.decoder.decoded > self.max_size:
+            raise HttpError(413, "body larger than max_body_size")
         self.out += data[:used]
         self.queued = len(self.out)
         if self.decoder.done:
@@ -236,6 +239,8 @@ class HttpSession:
             end = self.inbuf.find(b"\r\n\r\n")
             if end >= 0:
                 break
+            if b"\n\n" in self.inbuf:
+                raise HttpError(400, "bare LF")  # a head ended by LF alone: no need to wait
             if len(self.inbuf) > config.max_header_size:
                 raise HttpError(431, "request head too large")
             line_end = self.inbuf.find(b"\r\n")
@@ -254,8 +259,10 @@ class HttpSession:
                 # The client closed between requests (normal) or mid-head (logged).
                 self.term = "CR" if self.inbuf else ""
                 return self._close(log=bool(self.inbuf))
-            if not self.inbuf:
-                self.x.started = self.loop.now  # timeout_http_request runs from the first byte
+            if not self.inbuf and self.requests:
+                # After a response, timeout_http_request runs from the first
+                # byte of the next request (the first one: from accept).
+                self.x.started = self.loop.now
                 self._arm(self.loop.now + config.timeout_http_request)
             self.inbuf += data
         head = bytes(self.inbuf[:end])
@@ -300,7 +307,7 @@ class HttpSession:
         self._connect()
 
     def _route(self, request: Message):
-        host = host_without_port(request.host)
+        host = host_without_port(target_host(request.target) or request.host)
         path = request_path(request.target)
         for route in self.frontend.config.routes:
             if route.host is not None and route.host != host:
@@ -314,7 +321,8 @@ class HttpSession:
         """Queue the body bytes already read; a pump moves the rest once connected."""
         x, request = self.x, self.x.request
         if request.chunked:
-            x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf))
+            x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf),
+                               self.frontend.config.max_body_size)
             self.inbuf = bytearray(x.up.leftover)
             self.to_server.data += x.up.out
             x.up.out.clear()
@@ -508,45 +516,19 @@ class HttpSession:
 
     # ------------------------------------------------------------ upgrade
     def _start_tunnel(self) -> None:
+        """101: what is already read goes on its way, then the TCP relay takes over."""
         self.state = TUNNEL
-        x = self.x
-        x.up = self._pump(self.client, self.server)
-        x.down = self._pump(self.server, self.client)
-        if self.inbuf:
-            self.to_server.data += self.inbuf
-            self.inbuf.clear()
-        if self.sbuf:
-            self.to_client.data += self.sbuf
+        self.to_server.data += self.inbuf
+        self.inbuf.clear()
+        self.to_client.data += self.sbuf
 
     def _tunnel(self) -> None:
-        x = self.x
         now = self.loop.now
-        if not self.to_server.flush(self.server, now) or not self.to_client.flush(self.client, now):
-            pass
-        more = False
-        if not self.to_server.data:
-            more = x.up.run(now)
-        if not self.to_client.data:
-            more = x.down.run(now) or more
-        if more:
-            self.loop.soon(self._step)
-        up_done = x.up.ended and not x.up.queued and not self.to_server.data
-        down_done = x.down.ended and not x.down.queued and not self.to_client.data
-        if down_done:
-            self.client.shutdown()
-        if up_done:
-            self.server.shutdown()
-        if up_done and down_done:
-            self.term = self.term or ("SD" if x.down.fin and not x.up.fin else "CD")
-            self._finish_tunnel()
-
-    def _finish_tunnel(self) -> None:
-        x = self.x
-        x.up.close()
-        x.down.close()
-        self._drop_server(reset=not x.down.fin)
+        if not (self.to_server.flush(self.server, now) and self.to_client.flush(self.client, now)):
+            return
         self._log()
-        self._close()
+        self.state = CLOSED   # this object is done; events now go to the TCP session
+        TcpSession.adopt(self, self.x.backend, self.client, self.server, self.server_ref)
 
     # ------------------------------------------------------------ failures
     def _peer_failed(self, e: PeerError) -> None:
