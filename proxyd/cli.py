@@ -121,8 +121,12 @@ def running_pid(pidfile: str) -> int:
             cmdline = f.read()
     except OSError:
         return 0   # no such process
-    # A pid recycled by another program is not "proxyd already running".
-    return pid if b"proxyd" in cmdline else 0
+    # A pid recycled by another program is not "proxyd already running": a
+    # master has set its title, or (just started) still runs proxyd's command.
+    args = cmdline.split(b"\0")
+    if args[0].startswith(b"proxyd: master"):
+        return pid
+    return pid if any(arg == b"proxyd" or arg.endswith(b"/proxyd") for arg in args[:3]) else 0
 
 
 def write_pidfile(pidfile: str) -> None:

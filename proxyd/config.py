@@ -219,7 +219,7 @@ def errorfiles(raw: Any, path: str) -> dict[int, str]:
         filename = text(filename, key)
         if not os.path.isfile(filename):
             raise ConfigError(key, f"no such file: {filename}")
-        files[int(status)] = filename
+        files[int(status)] = os.path.abspath(filename)  # a daemon runs from /
     return files
 
 

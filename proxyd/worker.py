@@ -88,7 +88,7 @@ class Backend:
 
 
 class Frontend:
-    def __init__(self, config: FrontendConfig, backend: Backend):
+    def __init__(self, config: FrontendConfig, backend: Backend, log: Log):
         self.name = config.name
         self.config = config
         self.backend = backend
@@ -101,7 +101,9 @@ class Frontend:
         for status, path in config.errorfiles.items():
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
+            except OSError as e:
+                log.warning(f"frontends.{config.name}.errorfiles.{status}: cannot open {path}: "
+                            f"{e.strerror}; the built-in page is used")
                 continue
             self.errorfiles[status] = (fd, os.fstat(fd).st_size)
 
@@ -154,7 +156,7 @@ class Worker:
         self.stop_deadline = 0.0
         self.paused_until = 0.0
         self.backends = {name: Backend(b) for name, b in config.backends.items()}
-        self.frontends = {name: Frontend(f, self.backends[f.backend])
+        self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
         for listener in self.listeners:
