@@ -79,6 +79,12 @@ class Side:
         if mask & (OUT | TROUBLE):
             self.writable = True
 
+    def connect_result(self, mask: int) -> int:
+        """For a connecting socket: -1 still connecting, 0 connected, else the errno."""
+        if mask & TROUBLE:
+            return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+        return 0 if mask & OUT else -1
+
     def close(self, reset: bool) -> None:
         """Close; with RESET, SO_LINGER {1, 0} makes it an RST: no TIME_WAIT here."""
         if reset:
@@ -363,10 +369,10 @@ class TcpSession:
     def _server_ready(self, mask: int) -> None:
         server = self.server
         if self.state is CONNECTING:
-            if mask & TROUBLE:
-                err = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                return self._connect_failed(err or errno.ECONNREFUSED)
-            if mask & OUT:
+            result = server.connect_result(mask)
+            if result > 0:
+                return self._connect_failed(result)
+            if result == 0:
                 self._connected(mask)
             return
         server.ready(mask)

@@ -22,8 +22,7 @@ import socket
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path, target_host)
-from proxyd.loop import OUT, TROUBLE
-from proxyd.tcp import (INF, RESOURCE_ERRORS, PeerError, Pump, Side, TcpSession, connect_next,
+from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Pump, Side, TcpSession, connect_next,
                         errno_name, peer_label)
 
 READ_SIZE = 65536
@@ -41,74 +40,6 @@ def log_safe(raw: bytes) -> str:
     if LOG_SAFE.fullmatch(raw):
         return raw.decode("ascii")
     return "".join(chr(b) if LOG_SAFE.fullmatch(bytes((b,))) else f"\\x{b:02x}" for b in raw)
-
-
-class ChunkedPump:
-    """Copies a chunked body SRC -> DST, checking its framing, stopping at its end.
-
-    Bytes read past the end of the message belong to what follows (the next
-    pipelined request) and are kept in `leftover`.
-    """
-
-    __slots__ = ("src", "dst", "decoder", "out", "moved", "ended", "fin", "queued", "leftover", "max_size")
-
-    def __init__(self, src: Side, dst: Side, bad_status: int, initial: bytes, max_size: int = 0):
-        self.max_size = max_size  # payload bytes allowed, 0 = no limit (413 beyond)
-        self.src = src
-        self.dst = dst
-        self.decoder = ChunkedDecoder(bad_status)
-        self.out = bytearray()
-        self.moved = 0
-        self.ended = self.fin = False
-        self.leftover = b""
-        self.queued = 0
-        self._take(initial)
-
-    def _take(self, data) -> None:
-        used = self.decoder.feed(data)
-        if self.max_size and self.decoder.decoded > self.max_size:
-            raise HttpError(413, "body larger than max_body_size")
-        self.out += data[:used]
-        self.queued = len(self.out)
-        if self.decoder.done:
-            self.ended = True
-            self.leftover = bytes(data[used:])
-
-    def run(self, now: float) -> bool:
-        src, dst = self.src, self.dst
-        while True:
-            if self.out:
-                if not dst.writable:
-                    return False
-                try:
-                    n = dst.sock.send(self.out)
-                except BlockingIOError:
-                    dst.writable = False
-                    return False
-                except OSError as e:
-                    raise PeerError(dst, e.errno) from None
-                del self.out[:n]
-                self.queued = len(self.out)
-                self.moved += n
-                dst.seen = now
-                continue
-            if self.ended or not src.readable:
-                return False
-            try:
-                data = src.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                src.readable = False
-                return False
-            except OSError as e:
-                raise PeerError(src, e.errno) from None
-            if not data:
-                self.ended = self.fin = True  # truncated: the message never ended
-                return False
-            src.seen = now
-            self._take(data)
-
-    def close(self) -> None:
-        pass
 
 
 class BytesOut:
@@ -136,6 +67,72 @@ class BytesOut:
             self.sent += n
             side.seen = now
         return True
+
+
+class ChunkedPump:
+    """Copies a chunked body SRC -> DST, checking its framing, stopping at its end.
+
+    Bytes read past the end of the message belong to what follows (the next
+    pipelined request) and are kept in `leftover`.  Same interface as Pump.
+    """
+
+    __slots__ = ("src", "dst", "decoder", "out", "ended", "fin", "leftover", "max_size")
+
+    def __init__(self, src: Side, dst: Side | None, bad_status: int, initial: bytes, max_size: int = 0):
+        self.src = src
+        self.dst = dst
+        self.decoder = ChunkedDecoder(bad_status)
+        self.max_size = max_size  # payload bytes allowed, 0 = no limit (413 beyond)
+        self.out = BytesOut()
+        self.ended = self.fin = False
+        self.leftover = b""
+        self._take(initial)
+
+    @property
+    def queued(self) -> int:
+        return len(self.out.data)
+
+    @property
+    def moved(self) -> int:
+        return self.out.sent
+
+    def take_checked(self) -> bytearray:
+        """The checked bytes that came with the head: the caller sends them after it."""
+        data, self.out.data = self.out.data, bytearray()
+        return data
+
+    def _take(self, data) -> None:
+        used = self.decoder.feed(data)
+        if self.max_size and self.decoder.decoded > self.max_size:
+            raise HttpError(413, "body larger than max_body_size")
+        self.out.data += data[:used]
+        if self.decoder.done:
+            self.ended = True
+            self.leftover = bytes(data[used:])
+
+    def run(self, now: float) -> bool:
+        src = self.src
+        budget = BUDGET
+        while self.out.flush(self.dst, now) and not self.ended and src.readable:
+            if budget <= 0:
+                return True  # more to do: others get a turn first
+            try:
+                data = src.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                src.readable = False
+            except OSError as e:
+                raise PeerError(src, e.errno) from None
+            else:
+                if not data:
+                    self.ended = self.fin = True  # truncated: the message never ended
+                else:
+                    src.seen = now
+                    budget -= len(data)
+                    self._take(data)
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 class Exchange:
@@ -206,10 +203,10 @@ class HttpSession:
     def _server_ready(self, mask: int) -> None:
         server = self.server
         if self.state is CONNECTING:
-            if mask & TROUBLE:
-                err = server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                return self._connect_failed(err or errno.ECONNREFUSED)
-            if mask & OUT:
+            result = server.connect_result(mask)
+            if result > 0:
+                return self._connect_failed(result)
+            if result == 0:
                 self._connected()
             return
         server.ready(mask)
@@ -324,9 +321,7 @@ class HttpSession:
             x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf),
                                self.frontend.config.max_body_size)
             self.inbuf = bytearray(x.up.leftover)
-            self.to_server.data += x.up.out
-            x.up.out.clear()
-            x.up.queued = 0
+            self.to_server.data += x.up.take_checked()
         elif request.length > 0:
             have = min(len(self.inbuf), request.length)
             self.to_server.data += self.inbuf[:have]
@@ -478,9 +473,7 @@ class HttpSession:
         elif no_body:
             pass
         elif response.chunked:
-            self.to_client.data += x.down.out
-            x.down.out.clear()
-            x.down.queued = 0
+            self.to_client.data += x.down.take_checked()
         else:
             length = response.length
             have = len(self.sbuf) if length < 0 else min(len(self.sbuf), length)
