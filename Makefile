@@ -13,7 +13,7 @@ $(BIN)/proxyd: setup.cfg pyproject.toml
 # Run proxyd on the example config, with its demo backends, in the foreground.
 run: $(BIN)/proxyd
 	scripts/demo-backend 8081 8082 & demo=$$!; \
-	trap 'kill $$demo' EXIT INT TERM; \
+	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/proxyd -c etc/proxyd.toml
 
 test: $(BIN)/proxyd

@@ -34,11 +34,16 @@ class Server:
 
 
 class Balancer:
-    def __init__(self, backend: BackendConfig):
+    def __init__(self, backend: BackendConfig, worker_number: int = 1):
         self.backend = backend
         self.servers = [Server(s) for s in backend.servers]
         self.pick = getattr(self, "_" + backend.balance)
-        self._next_first = 0
+        # Each worker balances alone; starting each one's round robin further
+        # along keeps workers from all sending their first connections to the
+        # same server.
+        if backend.balance == "roundrobin":
+            for _ in range((worker_number - 1) % len(self.servers)):
+                self.choose("")
 
     def candidates(self, tried) -> list[Server]:
         for backup in (False, True):

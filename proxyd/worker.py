@@ -81,10 +81,10 @@ class BufferPool:
 
 
 class Backend:
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: BackendConfig, worker_number: int):
         self.name = config.name
         self.config = config
-        self.balancer = Balancer(config)
+        self.balancer = Balancer(config, worker_number)
 
 
 class Frontend:
@@ -155,7 +155,7 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.paused_until = 0.0
-        self.backends = {name: Backend(b) for name, b in config.backends.items()}
+        self.backends = {name: Backend(b, number) for name, b in config.backends.items()}
         self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
