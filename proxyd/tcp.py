@@ -348,10 +348,8 @@ class TcpSession:
         server.readable = bool(mask & IN)
         server.seen = client.seen = now
         client.writable = True
-        pool = self.worker.pipes
-        pump = Pump if self.worker.splice else CopyPump
-        self.up = pump(client, server, pool)
-        self.down = pump(server, client, pool)
+        self.up = self.worker.new_pump(client, server)
+        self.down = self.worker.new_pump(server, client)
         self._arm(self._expiry()[0])  # idle timeouts may be shorter than timeout_connect
         self._progress()
 

@@ -20,7 +20,7 @@ from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
 from proxyd.loop import IN, Loop
 from proxyd.http.session import HttpSession
-from proxyd.tcp import TcpSession
+from proxyd.tcp import CopyPump, Pump, TcpSession
 
 ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
 PIPE_POOL_KEEP = 256       # idle pipes kept for reuse (2 fds each)
@@ -290,6 +290,10 @@ class Worker:
         self.sessions.add(session)
         self.active += 1
         session.frontend.active += 1
+
+    def new_pump(self, src, dst) -> Pump:
+        """A one-way relay: splice through a pooled pipe, or the copying fallback."""
+        return Pump(src, dst, self.pipes) if self.splice else CopyPump(src, dst, self.pipes)
 
     def session_handed_over(self, old, new) -> None:
         self.sessions.discard(old)

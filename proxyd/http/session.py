@@ -22,7 +22,7 @@ import socket
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path, target_host)
-from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Pump, Side, TcpSession, connect_next,
+from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Side, TcpSession, connect_next,
                         errno_name, peer_label)
 
 READ_SIZE = 65536
@@ -327,11 +327,8 @@ class HttpSession:
             self.to_server.data += self.inbuf[:have]
             del self.inbuf[:have]
             if request.length > have:
-                x.up = self._pump(self.client, None)
+                x.up = self.worker.new_pump(self.client, None)
                 x.up.stop_reading(request.length - have)
-
-    def _pump(self, src: Side, dst: Side | None) -> Pump:
-        return Pump(src, dst, self.worker.pipes)  # splice; the copy fallback only for chunked
 
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:
@@ -479,7 +476,7 @@ class HttpSession:
             have = len(self.sbuf) if length < 0 else min(len(self.sbuf), length)
             self.to_client.data += self.sbuf[:have]
             if length < 0 or length > have:
-                x.down = self._pump(self.server, self.client)
+                x.down = self.worker.new_pump(self.server, self.client)
                 if length > have:
                     x.down.stop_reading(length - have)
         self.sbuf.clear()
