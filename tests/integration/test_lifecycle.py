@@ -479,3 +479,24 @@ def test_usr1_reopens_log_file(backend, tcp_proxy, tmp_path):
     assert rotated.stat().st_size == rotated_size, "nothing more should go to the rotated file"
     assert len(access_lines(rotated)) == 2
     assert set(proxy.worker_pids()) == {p.pid for p in processes[1:]}
+
+
+def test_reloads_changing_worker_count_lose_nothing(backend, tcp_proxy, load):
+    """Reloads that change `workers` (3 -> 1 -> 2 -> 4 -> 2) under load: the
+    sockets of slots that go away are kept, drained by the remaining workers
+    and steered away from, so nothing queued on them is reset."""
+    echo = backend(echo_close_handler)
+    proxy = tcp_proxy([echo], workers=3)
+    config = tcp_config(proxy.port, [echo], workers=3)
+    clients = load(proxy.port, 7.0, processes=4, rate=100)
+    counts = (1, 2, 4, 2)
+    for generation, count in enumerate(counts, start=2):
+        time.sleep(1.2)  # the pacing of the reloads
+        config["global"]["workers"] = count
+        rewrite(proxy, config)
+        reload(proxy, generation)
+    result = clients.result()
+    assert_no_errors(result, proxy, at_least=300)
+    last = 1 + len(counts)
+    wait_workers(proxy, lambda g: sorted(g.values()) == [last] * counts[-1],
+                 f"only the {counts[-1]} workers of generation {last} left")
