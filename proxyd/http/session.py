@@ -233,6 +233,8 @@ class HttpSession:
     def _read_request(self) -> None:
         config = self.frontend.config
         while True:
+            while self.inbuf.startswith(b"\r\n"):
+                del self.inbuf[:2]  # RFC 9112 2.2: empty lines before a request are ignored
             end = self.inbuf.find(b"\r\n\r\n")
             if end >= 0:
                 break
