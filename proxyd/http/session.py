@@ -258,7 +258,7 @@ class HttpSession:
                 # The client closed between requests (normal) or mid-head (logged).
                 self.term = "CR" if self.inbuf else ""
                 return self._close(log=bool(self.inbuf))
-            if not self.inbuf and self.requests:
+            if not self.inbuf and self.requests and self.x.started <= self.idle_since:
                 # After a response, timeout_http_request runs from the first
                 # byte of the next request (the first one: from accept).
                 self.x.started = self.loop.now
@@ -635,7 +635,7 @@ class HttpSession:
         config = self.frontend.config
         x = self.x
         if self.state is WAIT_REQUEST:
-            if not self.inbuf and self.requests:
+            if not self.inbuf and self.requests and self.x.started <= self.idle_since:
                 return self.idle_since + config.timeout_http_keep_alive, self._close
             return x.started + config.timeout_http_request, self._request_timeout
         if self.state is CONNECTING:
