@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import select
 import time
+import weakref
 
 EDGE = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 IN = select.EPOLLIN
@@ -64,9 +65,13 @@ class Loop:
 
     # ---------------------------------------------------------------- time
     def call_at(self, when: float, owner) -> None:
-        """Call OWNER.on_timer() at WHEN (monotonic seconds) unless it ignores it."""
+        """Call OWNER.on_timer() at WHEN (monotonic seconds) unless it ignores it.
+
+        The heap holds a weak reference: a session that has ended is freed at
+        once, not kept (with its buffers) until its last deadline comes up.
+        """
         self.seq += 1
-        heapq.heappush(self.timers, (when, self.seq, owner))
+        heapq.heappush(self.timers, (when, self.seq, weakref.ref(owner)))
 
     def soon(self, callback) -> None:
         """Run CALLBACK() after the current batch, before sleeping."""
@@ -108,7 +113,10 @@ class Loop:
                     self.error_hook(getattr(callback, "__self__", None), exc)
         timers = self.timers
         while timers and timers[0][0] <= now:
-            when, _, owner = heapq.heappop(timers)
+            when, _, ref = heapq.heappop(timers)
+            owner = ref()
+            if owner is None:
+                continue
             try:
                 owner.on_timer(when)
             except Exception as exc:

@@ -267,7 +267,7 @@ class TcpSession:
     __slots__ = (
         "worker", "loop", "frontend", "backend", "client", "server", "peer", "server_ref",
         "up", "down", "state", "tried", "started", "attempt_started", "connect_ms",
-        "timer_at", "ack_poll", "unacked", "term", "err", "on_client", "on_server",
+        "timer_at", "ack_poll", "unacked", "term", "err", "on_client", "on_server", "__weakref__",
     )
 
     def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
@@ -533,6 +533,9 @@ class TcpSession:
             down.close()
         self.worker.session_closed(self)
         self._log()
+        # Break the cycle of the bound methods kept for epoll: the session is
+        # then freed by refcount, without work for the garbage collector.
+        self.on_client = self.on_server = None
 
     def _log(self) -> None:
         client = peer_label(self.peer)

@@ -160,7 +160,7 @@ class HttpSession:
     __slots__ = ("worker", "loop", "frontend", "client", "peer", "inbuf", "state", "x", "server",
                  "server_ref", "tried", "attempt_started", "timer_at", "to_server", "to_client",
                  "sbuf", "term", "err", "requests", "idle_since", "on_client", "on_server",
-                 "close_after", "errorfile")
+                 "close_after", "errorfile", "__weakref__")
 
     def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
         loop = worker.loop
@@ -521,6 +521,7 @@ class HttpSession:
         self._log()
         self.state = CLOSED   # this object is done; events now go to the TCP session
         TcpSession.adopt(self, self.x.backend, self.client, self.server, self.server_ref)
+        self._release_handlers()
 
     # ------------------------------------------------------------ failures
     def _peer_failed(self, e: PeerError) -> None:
@@ -693,6 +694,13 @@ class HttpSession:
         self.loop.forget(self.client.fd)
         self.client.sock.close()
         self.worker.session_closed(self)
+        self._release_handlers()
+
+    def _release_handlers(self) -> None:
+        # The bound methods kept for epoll make a reference cycle: break it, so
+        # a finished session is freed by its refcount (when its last timer
+        # entry pops), not left for the garbage collector's full passes.
+        self.on_client = self.on_server = None
 
     def _log(self) -> None:
         x = self.x
