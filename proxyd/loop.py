@@ -92,6 +92,11 @@ class Loop:
         self.now = now = time.monotonic()
         handlers = self.handlers
         closed = self.closed
+        # Only what is closed while this batch is dispatched makes its events
+        # stale: an fd closed before the poll (by a timer, a soon() callback)
+        # and reused since reports for its new socket, and with edge-triggered
+        # epoll a skipped first event would never come again.
+        closed.clear()
         for fd, mask in events:
             # An fd closed earlier in this batch may already be reused by a new
             # socket: its events in this batch are stale, skip them.
@@ -103,7 +108,6 @@ class Loop:
                     handler(mask)
                 except Exception as exc:
                     self.error_hook(getattr(handler, "__self__", None), exc)
-        closed.clear()
         if self.ready:
             ready, self.ready = self.ready, []
             for callback in ready:

@@ -13,6 +13,7 @@ import fcntl
 import os
 import signal
 import socket
+import termios
 import traceback
 
 from proxyd.balance import Balancer
@@ -20,7 +21,7 @@ from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
 from proxyd.loop import IN, Loop
 from proxyd.http.session import HttpSession
-from proxyd.tcp import CopyPump, Pump, TcpSession
+from proxyd.tcp import CopyPump, Pump, TcpSession, ioctl_int
 
 ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
 PIPE_POOL_KEEP = 256       # idle pipes kept for reuse (2 fds each)
@@ -52,13 +53,18 @@ class PipePool:
         return r, w
 
     def put(self, pipe: tuple[int, int]) -> None:
-        if len(self.free) < self.keep:
+        """Take a pipe back; only one the kernel says is empty is ever reused.
+
+        Whatever a session's own count says, FIONREAD on the read end decides:
+        a byte left in a pooled pipe would be spliced into the next session.
+        """
+        if len(self.free) < self.keep and not ioctl_int(pipe[0], termios.FIONREAD):
             self.free.append(pipe)
         else:
             self.discard(pipe)
 
-    def discard(self, pipe: tuple[int, int]) -> None:
-        """A pipe with bytes still in it can never be reused."""
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
         os.close(pipe[0])
         os.close(pipe[1])
 
