@@ -7,19 +7,21 @@ nothing else.
 
 How a session ends (PRODUCT.md, "TCP mode"):
 
-* half_close = false (default): the client's FIN ends the session.  What the
-  client sent is flushed to the server, then we wait until the server has
-  acknowledged every byte (TIOCOUTQ == 0, bounded by timeout_server) while
-  still relaying what the server sends; then we take what sits in the
-  server socket's receive queue at that moment (FIONREAD), deliver it to the
-  client, and reset the server socket.  Passing the FIN on instead would
-  leave our socket in TIME_WAIT when the server answers with its own FIN.
+* half_close = false (default): the client's FIN is not passed on (our FIN
+  would leave our socket in TIME_WAIT when the server answers with its own).
+  What the client sent is flushed to the server, and relaying server ->
+  client goes on until the server closes (a plain close: the TIME_WAIT is
+  theirs), the client proves gone (a reset when its bytes arrive), or the
+  server is silent for timeout_fin; then the server socket is reset.
 * half_close = true: each FIN is passed on with shutdown(SHUT_WR) once the
   pipe towards that peer is empty; the session ends when both directions are
-  closed.
+  closed, or after timeout_fin of silence.
 * The server closing first: its FIN is passed to the client, and the server
   socket is closed plainly when the session ends (the TIME_WAIT is theirs).
-* The proxy ending a session itself (timeout, error, stop): server reset.
+* The proxy ending a session itself (timeout, error, stop, the client gone):
+  server reset.  When the client is gone, the reset waits until the server
+  has acknowledged every byte it was sent (TIOCOUTQ == 0, bounded by
+  timeout_server): what the client sent before it left still arrives.
 
 A pump that hits EAGAIN remembers which end is blocked: `readable` false on
 its source (socket empty) or `writable` false on its destination (socket
@@ -38,7 +40,7 @@ import termios
 
 from proxyd.loop import IN, OUT, TROUBLE
 
-CONNECTING, RELAYING, ACK_WAIT, DRAINING, CLOSED = "connecting", "relaying", "ack-wait", "draining", "closed"
+CONNECTING, RELAYING, ACK_WAIT, CLOSED = "connecting", "relaying", "ack-wait", "closed"
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 CHUNK = 1 << 20          # ask for this much per call; the pipe's capacity caps it
 BUDGET = 4 << 20         # bytes one pump may move per wake-up before others get a turn
@@ -257,7 +259,7 @@ def connect_next(backend, client_ip: str, tried: list) -> tuple:
             return None, ("RC" if result in RESOURCE_ERRORS else "SC", errno_name(result))
 
 
-def _ioctl_int(fd: int, request: int) -> int:
+def ioctl_int(fd: int, request: int) -> int:
     return int.from_bytes(fcntl.ioctl(fd, request, ZERO), "little", signed=True)
 
 
@@ -357,9 +359,13 @@ class TcpSession:
     def _client_ready(self, mask: int) -> None:
         client = self.client
         if mask & TROUBLE:
-            client.readable = client.writable = True  # let the next call report the error
             if self.state is CONNECTING:
                 return self._end("CC", "client gone")
+            err = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err and self.state is RELAYING:
+                # Reset (a client that had closed answers our bytes so): no
+                # need to wait for the server to send more to find out.
+                return self._peer_failed(PeerError(client, err))
         client.ready(mask)
         if self.state is not CONNECTING:
             self._progress()
@@ -402,39 +408,27 @@ class TcpSession:
         down_done = down.ended and not down.queued
         if down_done and down.fin:
             self.client.shutdown()                 # pass the server's FIN on
-        half_close = self.frontend.config.half_close
-        if up_done and (down.fin or half_close) and not down_done:
+        if up_done and not down_done and (down.fin or self.frontend.config.half_close):
             self.server.shutdown()                 # pass the client's FIN on
         if up.ended or down.ended:
             self._arm(self._expiry()[0])           # timeout_fin may come sooner
-        if up_done and down_done:
-            if down.fin:
-                return self._finish(reset_server=False)
-        elif not (up_done and not down.fin and not half_close):
-            return                                 # still relaying
-        # The server socket will be reset: first it must hold every byte we sent.
-        if self.state is RELAYING:
-            self.state = ACK_WAIT
+        if not (up_done and down_done):
+            return      # still relaying (after a client FIN: until the server closes)
+        if down.fin:
+            return self._finish(reset_server=False)
+        if self.state is RELAYING:                 # the client is gone: reset the server
+            self.state = ACK_WAIT                  # once it holds every byte we sent
             self._check_acks()
-        elif self.state is DRAINING and down_done:
-            self._finish(reset_server=True)
 
     def _check_acks(self) -> None:
-        """Client has closed (default mode): reset the server once it has every byte."""
-        unacked = _ioctl_int(self.server.fd, termios.TIOCOUTQ)
-        if unacked:
-            if unacked != self.unacked:
-                self.unacked = unacked
-                self.server.seen = self.loop.now  # the server is making progress
-            self._arm(self.loop.now + self.ack_poll)
-            self.ack_poll = min(self.ack_poll * 2, ACK_POLL_MAX)
-            return
-        # Everything acknowledged.  Deliver what the server had already sent,
-        # as it stands in the socket now, then the session ends with a reset.
-        self.state = DRAINING
-        if not self.down.ended:
-            self.down.stop_reading(_ioctl_int(self.server.fd, termios.FIONREAD))
-        self._progress()
+        unacked = ioctl_int(self.server.fd, termios.TIOCOUTQ)
+        if not unacked:
+            return self._finish(reset_server=True)
+        if unacked != self.unacked:
+            self.unacked = unacked
+            self.server.seen = self.loop.now  # the server is making progress
+        self._arm(self.loop.now + self.ack_poll)
+        self.ack_poll = min(self.ack_poll * 2, ACK_POLL_MAX)
 
     def _peer_failed(self, e: PeerError) -> None:
         """A peer reset or vanished: save what can be saved for the other one."""
