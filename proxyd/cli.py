@@ -39,6 +39,8 @@ def main(argv=None) -> int:
         check_accounts(config)
     except config_module.ConfigError as e:
         return fail(str(e))
+    for warning in config.warnings:
+        print(f"proxyd: {args.config}: warning: {warning}", file=sys.stderr)
     if args.check:
         print(f"proxyd: {args.config}: configuration is valid")
         return 0

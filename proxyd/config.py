@@ -59,6 +59,12 @@ def duration(raw: Any, path: str) -> float:
     return seconds
 
 
+def timeout(raw: Any, path: str) -> float:
+    """A duration where 0 means "no timeout", as HAProxy users read it."""
+    seconds = duration(raw, path)
+    return seconds if seconds else float("inf")
+
+
 def duration_at_least(minimum: float) -> Callable[[Any, str], float]:
     def parse(raw: Any, path: str) -> float:
         seconds = duration(raw, path)
@@ -261,10 +267,12 @@ FRONTEND_KEYS = (
     Key("backend", name, REQUIRED, "backend used when no route matches"),
     Key("maxconn", integer(1, 1_000_000), 10000, "client connections per worker for this frontend"),
     Key("half_close", boolean, False, "tcp mode: pass each FIN on instead of ending at the client's"),
-    Key("timeout_client", duration, 60.0, "inactivity allowed on the client side"),
-    Key("timeout_fin", duration, 30.0, "inactivity allowed once one side has closed"),
-    Key("timeout_http_request", duration, 10.0, "http mode: time to receive a complete request head"),
-    Key("timeout_http_keep_alive", duration, 10.0, "http mode: idle time allowed between requests"),
+    Key("timeout_client", timeout, 60.0, "inactivity allowed on the client side"),
+    Key("timeout_fin", timeout, 30.0, "inactivity allowed once one side has closed"),
+    Key("timeout_http_request", timeout, 10.0, "http mode: time to receive a complete request head "
+        "(unset: at most timeout_client)"),
+    Key("timeout_http_keep_alive", timeout, 10.0, "http mode: idle time allowed between requests "
+        "(unset: at most timeout_client)"),
     Key("max_header_size", integer(256, 1 << 20), 16384, "http mode: largest request head (431 beyond)"),
     Key("max_request_line", integer(64, 1 << 20), 8192, "http mode: longest request line (414 beyond)"),
     Key("max_body_size", integer(0, 1 << 62), 0, "http mode: largest request body, 0 = no limit (413)"),
@@ -276,9 +284,9 @@ BACKEND_KEYS = (
     Key("servers", None, REQUIRED, "the servers of this backend", inheritable=False),
     Key("balance", choice("roundrobin", "leastconn", "source", "random", "first"), "roundrobin",
         "how a server is chosen"),
-    Key("timeout_connect", duration, 5.0, "time allowed to connect to a server"),
-    Key("timeout_server", duration, 60.0, "inactivity allowed on the server side"),
-    Key("timeout_queue", duration, 5.0, "time a connection may wait for a server under maxconn"),
+    Key("timeout_connect", timeout, 5.0, "time allowed to connect to a server"),
+    Key("timeout_server", timeout, 60.0, "inactivity allowed on the server side"),
+    Key("timeout_queue", timeout, 5.0, "time a connection may wait for a server under maxconn"),
     Key("retries", integer(0, 100), 3, "connection attempts after the first, each on another server"),
     Key("http_reuse", boolean, False, "http mode: pool keep-alive server connections (false = RST after "
         "each response)"),
@@ -402,6 +410,7 @@ class Config:
     global_: GlobalConfig
     frontends: dict[str, FrontendConfig] = field(default_factory=dict)
     backends: dict[str, BackendConfig] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()   # valid but risky settings, said by --check and at (re)load
 
 
 # ---------------------------------------------------------------------- loading
@@ -435,7 +444,17 @@ def build(raw: dict, filename: str = "") -> Config:
         raise ConfigError("frontends", "at least one frontend is needed")
     _check_references(frontends, backends)
     _check_binds(frontends)
-    return Config(filename, global_, frontends, backends)
+    return Config(filename, global_, frontends, backends, _warnings(raw, defaults))
+
+
+def _warnings(raw: dict, defaults: dict) -> tuple[str, ...]:
+    """Every timeout set to 0 (no timeout), by the key path that set it."""
+    tables = [("defaults", defaults)] + [(f"{section}.{table_name}", table)
+                                         for section in ("frontends", "backends")
+                                         for table_name, table in raw.get(section, {}).items()]
+    return tuple(f"{path}.{key} = 0: no timeout; a peer that goes silent holds its connection for ever"
+                 for path, table in tables for key, value in table.items()
+                 if key.startswith("timeout_") and timeout(value, path) == float("inf"))
 
 
 def _table(raw: Any, path: str) -> dict:
@@ -491,6 +510,12 @@ def _frontend(fe_name: str, raw: dict, defaults: dict) -> FrontendConfig:
     if routes and values["mode"] != "http":
         raise ConfigError(f"{path}.routes", "routes need mode = \"http\"")
     values["routes"] = tuple(_route(r, f"{path}.routes[{i}]") for i, r in enumerate(routes))
+    for key in ("timeout_http_request", "timeout_http_keep_alive"):
+        # Unset, they fall back to timeout_client when it is shorter (as
+        # HAProxy's fall back to `timeout client`): a user who sets
+        # timeout_client = "1s" sees a silent client closed after a second.
+        if key not in raw and key not in defaults:
+            values[key] = min(values[key], values["timeout_client"])
     return FrontendConfig(name=fe_name, **values)
 
 

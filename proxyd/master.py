@@ -247,6 +247,8 @@ class Master:
             check_accounts(new)
         except config_module.ConfigError as e:
             return self.log.error(f"reload failed, keeping the running configuration: {e}")
+        for warning in new.warnings:
+            self.log.warning(warning)
         if self.previous:
             self._promote()  # the reload before this one is still starting: let it win
         count = new.global_.workers
