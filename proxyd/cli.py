@@ -67,6 +67,7 @@ def main(argv=None) -> int:
                   "set global.log to a file or syslog", file=sys.stderr)
         ready = daemonize()
         log.set_tag("proxyd")
+        log.reopen()
     if pidfile:
         try:
             write_pidfile(pidfile)

@@ -4,17 +4,42 @@ Access lines are the hot path (one per session), so they are buffered and
 written once per event-loop iteration with a single write; other messages are
 written at once.  The timestamp prefix is rebuilt once per second, not per
 line.  USR1 reopens a log file so logrotate can move it away.
+
+Logging never blocks the data path or the master's supervision: a log sink
+that stalls (a pipe on stderr whose reader stopped) gets what it can take,
+the rest of a line waits in a small backlog, and lines beyond that are
+dropped and counted; a line says how many once the sink takes bytes again.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 import time
 
 LEVELS = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "err": 3}
 FACILITY_DAEMON = 3
+MAX_BACKLOG = 64 * 1024   # bytes of log lines kept while the sink is full
+
+
+def nonblocking_stderr() -> int:
+    """An fd for stderr that never blocks, without changing the caller's.
+
+    O_NONBLOCK belongs to the open file description, which a pipe or a
+    terminal on stderr shares with whoever started us: reopening it through
+    /proc gives a description of our own.  A regular file never blocks.
+    """
+    fd = sys.stderr.fileno()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # a socket cannot be reopened: ours to make non-blocking
+        os.set_blocking(fd, False)
+        return fd
 
 
 class Log:
@@ -26,6 +51,8 @@ class Log:
         self.fd = 2
         self.sock: socket.socket | None = None
         self.pending: list[str] = []
+        self.backlog = bytearray()    # the part of the lines the sink could not take yet
+        self.dropped = 0              # lines dropped since the sink was last able to take them
         self._second = -1
         self._prefix = ""
         self.open()
@@ -34,7 +61,7 @@ class Log:
     def open(self) -> None:
         """Open the target; raises OSError with a clear message if it cannot."""
         if self.target == "stderr":
-            self.fd = sys.stderr.fileno()
+            self.fd = nonblocking_stderr()
         elif self.target.startswith("syslog"):
             where = self.target[7:] or "/dev/log"
             if where.startswith("/"):
@@ -51,16 +78,23 @@ class Log:
             self.fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def reopen(self) -> None:
-        """USR1: reopen a log file (logrotate moved the old one away)."""
-        if self.target.startswith("/"):
+        """USR1: reopen a log file (logrotate moved the old one away); after
+        daemonizing: stderr is /dev/null now."""
+        if self.target.startswith("/") or self.target == "stderr":
             old = self.fd
-            self.fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            os.close(old)
+            self.open()
+            if old not in (self.fd, 2):
+                os.close(old)
 
     def set_tag(self, tag: str) -> None:
+        """A new process (a worker, a daemon) logs under its own pid; what its
+        parent had not written yet is the parent's to write."""
         self.tag = tag
         self.pid = os.getpid()
         self._second = -1
+        self.pending = []
+        self.backlog.clear()
+        self.dropped = 0
 
     # ------------------------------------------------------------ writing
     def _stamp(self) -> str:
@@ -78,17 +112,48 @@ class Log:
                 try:
                     self.sock.send((header + line).encode(errors="replace"))
                 except OSError:
-                    pass  # syslog is lossy by nature; never block or crash the loop for it
+                    self.dropped += 1  # syslog is lossy by nature; never block or crash the loop for it
             return
         stamp = self._stamp()
-        data = "".join(f"{stamp}{line}\n" for line in lines).encode(errors="replace")
+        self._write("".join(f"{stamp}{line}\n" for line in lines).encode(errors="replace"))
+
+    def _write(self, data: bytes) -> None:
+        """Write DATA now, or keep it in the backlog, or drop it: never block."""
+        if self.backlog and not self._drain():
+            return self._keep(data)
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
+            written = os.write(self.fd, data)
         except BlockingIOError:
-            pass  # a full pipe on stderr: drop rather than stall every session
+            written = 0
         except OSError:
-            pass
+            return  # the sink is gone (EPIPE, EIO): nothing to wait for
+        if written < len(data):
+            self._keep(data[written:])
+        elif self.dropped:
+            self._say_dropped()
+
+    def _keep(self, data: bytes) -> None:
+        """Keep the whole lines that fit in the backlog; count the rest as dropped."""
+        room = MAX_BACKLOG - len(self.backlog)
+        cut = len(data) if len(data) <= room else data.rfind(b"\n", 0, room) + 1
+        self.backlog += data[:cut]
+        self.dropped += data.count(b"\n", cut)
+
+    def _drain(self) -> bool:
+        """Write the backlog; True once it is empty."""
+        try:
+            del self.backlog[:os.write(self.fd, self.backlog)]
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.backlog.clear()
+        if not self.backlog and self.dropped:
+            self._say_dropped()
+        return not self.backlog
+
+    def _say_dropped(self) -> None:
+        dropped, self.dropped = self.dropped, 0
+        self._write(f"{self._stamp()}log sink was full: {dropped} log lines dropped\n".encode())
 
     def access(self, line: str) -> None:
         """Queue an access line; flush() writes the batch."""
@@ -99,6 +164,8 @@ class Log:
         if self.pending:
             lines, self.pending = self.pending, []
             self._emit(6, lines)
+        elif self.backlog:
+            self._drain()
 
     def log(self, level: str, message: str) -> None:
         severity = LEVELS[level]
