@@ -268,7 +268,7 @@ FRONTEND_KEYS = (
     Key("maxconn", integer(1, 1_000_000), 10000, "client connections per worker for this frontend"),
     Key("half_close", boolean, False, "tcp mode: pass each FIN on instead of ending at the client's"),
     Key("timeout_client", timeout, 60.0, "inactivity allowed on the client side"),
-    Key("timeout_fin", timeout, 30.0, "inactivity allowed once one side has closed"),
+    Key("timeout_fin", timeout, 5.0, "inactivity allowed once one side has closed"),
     Key("timeout_http_request", timeout, 10.0, "http mode: time to receive a complete request head "
         "(unset: at most timeout_client)"),
     Key("timeout_http_keep_alive", timeout, 10.0, "http mode: idle time allowed between requests "

@@ -465,6 +465,12 @@ class TcpSession:
             return self._arm(expiry)
         if self.state is CONNECTING:
             self._connect_failed(errno.ETIMEDOUT, "sC")
+        elif self.state is RELAYING and (self.up.ended or self.down.ended):
+            # One side closed and the other stayed silent: the code keeps who
+            # closed first; the rest was cut after timeout_fin.
+            self.err = "timeout_fin"
+            self.term = self.term or code
+            self._finish(reset_server=True)
         else:
             self.err = "timeout"
             self.term = code

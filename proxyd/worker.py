@@ -101,17 +101,31 @@ class Frontend:
         self.listeners: list[Listener] = []
         self.active = 0
         self.session = HttpSession if config.mode == "http" else TcpSession
-        # Error pages stay open for sendfile; a file that went away since the
-        # configuration was checked falls back to the built-in page.
         self.errorfiles: dict[int, tuple[int, int]] = {}
         for status, path in config.errorfiles.items():
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self.errorfiles[status] = sealed_copy(path)
             except OSError as e:
                 log.warning(f"frontends.{config.name}.errorfiles.{status}: cannot open {path}: "
                             f"{e.strerror}; the built-in page is used")
-                continue
-            self.errorfiles[status] = (fd, os.fstat(fd).st_size)
+
+
+def sealed_copy(path: str) -> tuple[int, int]:
+    """(fd, size) of a sealed in-memory copy of PATH, for sendfile.
+
+    Error pages are read once, when the worker loads its configuration (as
+    HAProxy does): a file truncated or rewritten in place afterwards changes
+    nothing, and a sealed memfd cannot shrink under a sendfile either.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    fd = os.memfd_create("proxyd-errorfile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    return fd, len(data)
 
 
 class Listener:
@@ -239,11 +253,11 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             self.stop_deadline = self.loop.now + grace
+            # Open sessions finish as they would; an idle keep-alive client
+            # keeps its connection until its keep-alive timeout (closing it
+            # now races the request it may be sending), and the answer to its
+            # next request says Connection: close.
             self._close_listeners(accept_queued=True)
-            for session in list(self.sessions):
-                drain = getattr(session, "drain", None)
-                if drain is not None:
-                    drain()
             self.log.info(f"worker {self.number}/{self.count} gen {self.generation} draining "
                           f"{len(self.sessions)} sessions (grace {grace:g}s)")
 

@@ -165,6 +165,17 @@ def target_host(target: bytes) -> bytes:
     return b""
 
 
+def same_authority(authority: bytes, host: bytes, target: bytes) -> bool:
+    """Host names the same authority as an absolute-form target (RFC 9112
+    3.2.2), case aside and with the scheme's default port implied."""
+    default = b":443" if target[:5].lower() == b"https" else b":80"
+
+    def norm(value: bytes) -> bytes:
+        value = value.lower()
+        return value[:-len(default)] if value.endswith(default) else value
+    return norm(authority) == norm(host)
+
+
 def request_path(target: bytes) -> str:
     """The path of an origin-form or absolute-form target."""
     text = target.decode("latin-1")

@@ -18,18 +18,28 @@ import errno
 import os
 import re
 import socket
+import termios
 
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
-                                parse_request, parse_response, request_path, target_host)
+                                parse_request, parse_response, request_path, same_authority,
+                                target_host)
 from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Side, TcpSession, connect_next,
-                        errno_name, peer_label)
+                        errno_name, ioctl_int, peer_label)
 
 READ_SIZE = 65536
 MAX_RESPONSE_HEAD = 65536
+MAX_INTERIM = 16          # 1xx responses allowed before the final one (502 beyond)
+MAX_TO_CLIENT = 65536     # interim heads waiting for the client before we read the server again
+# Lingering close, as nginx's lingering_timeout and lingering_time: once our
+# answer is written, the client's FIN is awaited (its bytes read and dropped)
+# so that its unread input does not make the kernel reset our answer away.
+LINGER_TIMEOUT = 5.0      # silence allowed while lingering
+LINGER_TIME = 30.0        # lingering at most this long in all
+DISCARD = bytearray(READ_SIZE)
 # Session states
-WAIT_REQUEST, CONNECTING, EXCHANGE, TUNNEL, CLOSING, CLOSED = (
-    "wait-request", "connecting", "exchange", "tunnel", "closing", "closed")
+WAIT_REQUEST, CONNECTING, EXCHANGE, TUNNEL, CLOSING, LINGER, CLOSED = (
+    "wait-request", "connecting", "exchange", "tunnel", "closing", "linger", "closed")
 
 
 LOG_SAFE = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\x7e]*")  # printable, no '"' nor '\\'
@@ -140,7 +150,7 @@ class Exchange:
 
     __slots__ = ("request", "backend", "started", "head_at", "connected_at", "sent_at", "response_at",
                  "status", "up", "down", "own_page", "response", "client_keepalive",
-                 "line")
+                 "line", "interim")
 
     def __init__(self, now: float):
         self.request: Message | None = None
@@ -154,13 +164,14 @@ class Exchange:
         self.response: Message | None = None
         self.client_keepalive = False
         self.line = "-"
+        self.interim = 0        # 1xx responses relayed so far
 
 
 class HttpSession:
     __slots__ = ("worker", "loop", "frontend", "client", "peer", "inbuf", "state", "x", "server",
                  "server_ref", "tried", "attempt_started", "timer_at", "to_server", "to_client",
                  "sbuf", "term", "err", "requests", "idle_since", "on_client", "on_server",
-                 "close_after", "errorfile", "__weakref__")
+                 "close_after", "errorfile", "linger_until", "__weakref__")
 
     def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
         loop = worker.loop
@@ -186,6 +197,7 @@ class HttpSession:
         self.idle_since = loop.now
         self.close_after = False
         self.errorfile = None         # [fd, offset, end] of an errorfiles page being sent
+        self.linger_until = 0.0
         self.on_client = self._client_ready
         self.on_server = self._server_ready
         self.state = WAIT_REQUEST
@@ -223,7 +235,9 @@ class HttpSession:
                 self._tunnel()
             elif self.state is CLOSING:
                 if self.to_client.flush(self.client, self.loop.now) and self._send_errorfile():
-                    self._close()
+                    self._close(linger=True if self.x.own_page else None)
+            elif self.state is LINGER:
+                self._linger()
         except PeerError as e:
             self._peer_failed(e)
         except HttpError as e:
@@ -257,7 +271,7 @@ class HttpSession:
             if not data:
                 # The client closed between requests (normal) or mid-head (logged).
                 self.term = "CR" if self.inbuf else ""
-                return self._close(log=bool(self.inbuf))
+                return self._close(log=bool(self.inbuf), linger=False)
             if not self.inbuf and self.requests and self.x.started <= self.idle_since:
                 # After a response, timeout_http_request runs from the first
                 # byte of the next request (the first one: from accept).
@@ -285,6 +299,11 @@ class HttpSession:
             x.client_keepalive = b"close" not in request.connection
         else:
             x.client_keepalive = b"keep-alive" in request.connection
+        authority = target_host(request.target)
+        if authority and request.host and not same_authority(authority, request.host, request.target):
+            # RFC 9112 3.2: a client MUST send a Host identical to the
+            # authority; one that differs is a routing trick, not a mistake.
+            raise HttpError(400, "Host differs from the target's authority")
         x.backend = self._route(request)
         extra = []
         if x.backend.config.forwardfor:
@@ -322,7 +341,9 @@ class HttpSession:
         if request.chunked:
             x.up = ChunkedPump(self.client, None, 400, bytes(self.inbuf),
                                self.frontend.config.max_body_size)
+            # Read past the body's end: the next pipelined request, kept once.
             self.inbuf = bytearray(x.up.leftover)
+            x.up.leftover = b""
             self.to_server.data += x.up.take_checked()
         elif request.length > 0:
             have = min(len(self.inbuf), request.length)
@@ -339,8 +360,7 @@ class HttpSession:
         if server is None:
             term, err = sock
             self.err = err
-            status = 503 if err == "no server available" else 502
-            return self._reject(status, err, term[0] + "C")
+            return self._reject(503, err, term[0] + "C")  # no server could take it
         self.server_ref = server
         self.server = Side(sock, self.loop.now)
         self.attempt_started = self.loop.now
@@ -348,13 +368,17 @@ class HttpSession:
         self._arm(self.loop.now + x.backend.config.timeout_connect)
 
     def _connect_failed(self, err: int, timed_out: bool = False) -> None:
-        self._drop_server(reset=False)
+        """This attempt failed; the request, head and body, waits for the next one."""
+        server, self.server = self.server, None
+        self.loop.forget(server.fd)
+        server.sock.close()  # never established: no TIME_WAIT, nothing to reset
+        self.server_ref.active -= 1
         if len(self.tried) <= self.x.backend.config.retries:
             return self._connect()
         self.err = errno_name(err)
         if timed_out:
             return self._reject(503, "connect timeout", "sC")
-        self._reject(502, self.err, "RC" if err in RESOURCE_ERRORS else "SC")
+        self._reject(503, self.err, "RC" if err in RESOURCE_ERRORS else "SC")
 
     def _connected(self) -> None:
         x = self.x
@@ -379,7 +403,7 @@ class HttpSession:
                 self.err = "request truncated"
                 self._drop_server(reset=True)
                 self._log()
-                return self._close()
+                return self._close(linger=False)
         if x.sent_at < 0 and not self.to_server.data:
             x.sent_at = now
             self._arm(now + x.backend.config.timeout_server)
@@ -404,8 +428,6 @@ class HttpSession:
                 self.term = "SD"
                 self.err = "response truncated"
                 self.close_after = True
-        if x.up is not None and not (x.up.ended and not x.up.queued):
-            self.close_after = True   # the client is still sending a body nobody reads
         self._exchange_done(server_closed=down is not None and down.fin)
 
     def _read_response_head(self) -> None:
@@ -418,6 +440,8 @@ class HttpSession:
                 if not self._response_head(head):
                     continue  # a 1xx: the real response follows
                 return
+            if len(self.to_client.data) > MAX_TO_CLIENT and not self.to_client.flush(self.client, self.loop.now):
+                return  # interim heads the client does not read: read no more from the server
             if len(self.sbuf) > MAX_RESPONSE_HEAD:
                 raise HttpError(502, "response head too large")
             if not server.readable:
@@ -443,6 +467,9 @@ class HttpSession:
         # framing we send is our own (Content-Length, chunked or close).
         status_line = b"HTTP/1.1" + head.split(b"\r\n", 1)[0][8:]
         if 100 <= response.status < 200 and response.status != 101:
+            x.interim += 1
+            if x.interim > MAX_INTERIM:
+                raise HttpError(502, "too many interim responses")
             self.to_client.data += forwarded_head(status_line, response, [])
             return False
         if response.status == 101 and not x.request.upgrade:
@@ -451,7 +478,8 @@ class HttpSession:
         no_body = x.request.method == b"HEAD" or response.status in (204, 304)
         upgrade = response.status == 101 and x.request.upgrade
         close_delimited = not (no_body or upgrade or response.chunked or response.length >= 0)
-        keep = x.client_keepalive and not close_delimited and not self.worker.stopping
+        body_unread = x.up is not None and not (x.up.ended and not x.up.queued)
+        keep = x.client_keepalive and not (close_delimited or body_unread or self.worker.stopping)
         extra = []
         if upgrade:
             extra += [b"Connection: upgrade", b"Upgrade: " + response.upgrade]
@@ -488,9 +516,6 @@ class HttpSession:
         """The response is complete: reset the server now, then the next request."""
         x = self.x
         self._drop_server(reset=not server_closed)
-        for pump in (x.up, x.down):
-            if pump is not None:
-                pump.close()
         if isinstance(x.up, ChunkedPump):
             self.inbuf[:0] = x.up.leftover
         self._log()
@@ -516,6 +541,16 @@ class HttpSession:
 
     def _tunnel(self) -> None:
         now = self.loop.now
+        up = self.x.up
+        if up is not None:
+            # The request body read so far goes first; what the client sends
+            # next (the rest of the body, then the tunnel) the relay moves.
+            up.ended = True
+            up.run(now)
+            if up.queued:
+                return
+            up.close()
+            self.x.up = None
         if not (self.to_server.flush(self.server, now) and self.to_client.flush(self.client, now)):
             return
         self._log()
@@ -531,7 +566,7 @@ class HttpSession:
             self.term = self.term or ("C" + self._phase())
             self._drop_server(reset=True)
             self._log()
-            return self._close()
+            return self._close(linger=False)
         # The server reset or vanished.
         if x.response is None and self.state is EXCHANGE:
             return self._reject(502, self.err, "S" + self._phase())
@@ -591,30 +626,32 @@ class HttpSession:
             if not self.client.writable:
                 return False
             try:
-                offset += os.sendfile(self.client.fd, fd, offset, size - offset)
+                sent = os.sendfile(self.client.fd, fd, offset, size - offset)
             except BlockingIOError:
                 self.client.writable = False
                 return False
             except OSError as e:
                 raise PeerError(self.client, e.errno) from None
+            if not sent:
+                break  # the file is shorter than it was: nothing more to send
+            offset += sent
             self.errorfile[1] = offset
         self.errorfile = None
         return True
 
-    def drain(self) -> None:
-        """The worker is stopping: an idle keep-alive connection goes now."""
-        if self.state is WAIT_REQUEST and not self.inbuf:
-            self._close()
-
     def _drop_server(self, reset: bool) -> None:
-        server, self.server = self.server, None
-        if server is None:
-            return
-        self.loop.forget(server.fd)
-        server.close(reset)
-        self.server_ref.active -= 1
+        """The exchange with the server is over, whatever its end: let go of
+        its socket and of the pipes and buffers between the two."""
+        for pump in (self.x.up, self.x.down):
+            if pump is not None:
+                pump.close()
         self.sbuf.clear()
         self.to_server.data.clear()
+        server, self.server = self.server, None
+        if server is not None:
+            self.loop.forget(server.fd)
+            server.close(reset)
+            self.server_ref.active -= 1
 
     # ------------------------------------------------------------ timers
     def _arm(self, when: float) -> None:
@@ -635,6 +672,9 @@ class HttpSession:
     def _expiry(self):
         config = self.frontend.config
         x = self.x
+        if self.state is LINGER:
+            return min(self.client.seen + min(LINGER_TIMEOUT, config.timeout_client),
+                       self.linger_until), self._release
         if self.state is WAIT_REQUEST:
             if not self.inbuf and self.requests and self.x.started <= self.idle_since:
                 return self.idle_since + config.timeout_http_keep_alive, self._close
@@ -672,25 +712,64 @@ class HttpSession:
             self.term = "K" + self._phase()
             self.err = self.err or "stopped"
             self._drop_server(reset=True)
-            if self.x.request is not None:
+            if self.x.request is not None and self.state is not LINGER:
                 self._log()
-            self._close()
+            self._close(linger=False)
 
     def crash(self) -> None:
         if self.state is not CLOSED:
             self.term = "P" + self._phase()
             self.err = "internal error"
             self._drop_server(reset=True)
-            self._log()
-            self._close()
+            if self.state is not LINGER:
+                self._log()
+            self._close(linger=False)
 
-    def _close(self, log: bool = False) -> None:
-        if self.state is CLOSED:
+    def _close(self, log: bool = False, linger: bool | None = None) -> None:
+        """End the client connection.  LINGER true, or None while the client
+        may still be sending, waits for its FIN first (see LINGER_TIMEOUT);
+        false (the client is gone, or a fast stop) closes now."""
+        if self.state is LINGER and linger is False:
+            return self._release()
+        if self.state in (CLOSED, LINGER):
             return
         if log:
             self._log()
-        self.state = CLOSED
+        up = self.x.up
+        if linger is None:
+            linger = bool(self.inbuf or (up is not None and not up.ended)
+                          or ioctl_int(self.client.fd, termios.FIONREAD))
         self._drop_server(reset=True)
+        if linger:
+            self.state = LINGER
+            self.inbuf = bytearray()
+            self.client.shutdown()
+            self.client.seen = self.loop.now
+            self.linger_until = self.loop.now + LINGER_TIME
+            self._arm(self._expiry()[0])
+            return self._linger()
+        self._release()
+
+    def _linger(self) -> None:
+        """Read and drop what the client sends until its FIN (or an error)."""
+        client = self.client
+        for _ in range(BUDGET // READ_SIZE):
+            try:
+                n = client.sock.recv_into(DISCARD)
+            except BlockingIOError:
+                client.readable = False
+                return
+            except OSError:
+                break
+            if not n:
+                break
+            client.seen = self.loop.now
+        else:
+            return self.loop.soon(self._step)
+        self._release()
+
+    def _release(self) -> None:
+        self.state = CLOSED
         self.loop.forget(self.client.fd)
         self.client.sock.close()
         self.worker.session_closed(self)

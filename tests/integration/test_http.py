@@ -724,15 +724,17 @@ def test_413_when_the_body_is_over_max_body_size(http_backend, http_proxy):
 
 # --------------------------------------------------------- proxyd's answers
 
-def test_502_when_the_server_port_is_closed(reserve_port, http_proxy):
+def test_503_when_the_server_port_is_closed(reserve_port, http_proxy):
+    # No server could be connected: 503 (no server available), as HAProxy;
+    # 502 is for a bad or failed reply.
     closed = reserve_port()
     proxy = http_proxy({"app": {"servers": [f"{LOCALHOST}:{closed}"], "retries": 1}})
     with HTTPClient(proxy.port) as client:
         client.send(build_request("GET", "/refused"))
-        assert_own_error(client.read_response(), 502)
+        assert_own_error(client.read_response(), 503)
         client.rest_and_close()
     line = wait_http_access_lines(proxy, 1)[0]
-    assert (line.status, line.term, line.Tc) == (502, "SC", -1), line.raw
+    assert (line.status, line.term, line.Tc) == (503, "SC", -1), line.raw
 
 
 @pytest.mark.parametrize("action", ["reset", "close"])
