@@ -550,7 +550,6 @@ class HttpSession:
             if up.queued:
                 return
             up.close()
-            self.x.up = None
         if not (self.to_server.flush(self.server, now) and self.to_client.flush(self.client, now)):
             return
         self._log()
@@ -700,6 +699,8 @@ class HttpSession:
         self._reject(504, "timeout", "sH" if self.x.response is None else "sD")
 
     def _client_timeout(self) -> None:
+        if self.state is CLOSING:
+            return self._close(linger=False)  # our answer was logged; the client never read it
         self.term = self.term or "c" + self._phase()
         self.err = "timeout"
         self._drop_server(reset=True)
