@@ -108,6 +108,9 @@ class Log:
     def _emit(self, severity: int, lines: list[str]) -> None:
         if self.sock is not None:
             header = f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+            if self.dropped:
+                lines = [f"log sink was full: {self.dropped} log lines dropped", *lines]
+                self.dropped = 0
             for line in lines:
                 try:
                     self.sock.send((header + line).encode(errors="replace"))
