@@ -257,6 +257,8 @@ GLOBAL_KEYS = (
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),
     Key("worker_timeout", duration_at_least(2.0), 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
+    Key("ulimit_n", integer(0, 1 << 24), 0, "open files allowed to each worker (RLIMIT_NOFILE), "
+        "0 = the hard limit"),
     Key("max_draining", integer(1, 100), 2,
         "old generations allowed to drain at once; a reload beyond it stops the oldest now"),
 )
@@ -342,6 +344,7 @@ class GlobalConfig:
     admin_socket: str | None
     splice: bool
     worker_timeout: float
+    ulimit_n: int
     max_draining: int
 
 

@@ -17,6 +17,7 @@ nothing queued is dropped by a reload or a respawn.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import time
@@ -154,6 +155,7 @@ class Master:
         for sock in self.listeners.sockets.values():
             if id(sock) not in keep:
                 sock.close()  # others' sockets: only the master and their slots keep them
+        limit_files(self.config.global_.ulimit_n)
         drop_privileges(self.config.global_.user, self.config.global_.group)
         worker = Worker(self.config, mine, self.log, slot + 1, self.count, self.generation,
                         self.pid, self.shared, shared_slot)
@@ -378,6 +380,15 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgid(gid)
     if entry is not None:
         os.setuid(entry.pw_uid)
+
+
+def limit_files(ulimit_n: int) -> None:
+    """A worker's RLIMIT_NOFILE: ulimit_n, else the hard limit (the master has raised it)."""
+    if ulimit_n:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if os.geteuid() != 0:
+            ulimit_n = min(ulimit_n, hard)  # only root may raise a hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ulimit_n, ulimit_n))
 
 
 def _no_op(signum, frame) -> None:

@@ -175,6 +175,8 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.paused_until = 0.0
+        self.starved_since = 0.0   # out of fds (or memory) since then: one log line per episode
+        self.starved_pauses = 0
         self.backends = {name: Backend(b, number) for name, b in config.backends.items()}
         self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
@@ -289,15 +291,28 @@ class Worker:
                     self._out_of_resources(e)
                     return True
                 continue  # ECONNABORTED and the like: that one client is gone
+            if self.starved_since:
+                self._resources_back()
             sock.setblocking(False)
             frontend.session(self, frontend, sock, peer)
         return False
 
     def _out_of_resources(self, e: OSError) -> None:
-        self.log.error(f"accept: {e.strerror}; not accepting for {PAUSE_ON_EMFILE}s")
+        """Stop accepting for a moment (clients wait in the backlog); no busy loop, one line."""
+        if not self.starved_since:
+            self.starved_since = self.loop.now
+            self.log.error(f"accept: {e.strerror} ({self.active} sessions open); "
+                           f"accepting paused, retried every {PAUSE_ON_EMFILE}s")
+        self.starved_pauses += 1
         for listener in self.listeners:
             listener.pause()
         self.paused_until = self.loop.now + PAUSE_ON_EMFILE
+
+    def _resources_back(self) -> None:
+        self.log.notice(f"accepting again after {self.loop.now - self.starved_since:.1f}s "
+                        f"({self.starved_pauses} pauses)")
+        self.starved_since = 0.0
+        self.starved_pauses = 0
 
     def _resume_accepting(self) -> None:
         if self.stopping or self.paused_until or self.active >= self.maxconn:
