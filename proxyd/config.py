@@ -126,7 +126,7 @@ def log_target(raw: Any, path: str) -> str:
         if value.startswith("syslog:") and not value[7:]:
             raise ConfigError(path, "expected \"syslog\", \"syslog:/dev/log\" or \"syslog:HOST:PORT\"")
         if value.startswith("syslog:") and not value[7:].startswith("/"):
-            Address.parse(value[7:], path)
+            Address.parse(value[7:].removeprefix("tcp@"), path)
         return value
     if value.startswith("syslog"):
         raise ConfigError(path, f"unknown log target {value!r}")
@@ -252,7 +252,7 @@ GLOBAL_KEYS = (
         "client connections per worker; beyond it new ones wait in the kernel backlog"),
     Key("grace", duration, 30.0, "how long old workers may drain on reload or graceful stop"),
     Key("log", log_target, "stderr", 'where logs go: "stderr", "syslog", "syslog:/dev/log", '
-        '"syslog:HOST:PORT" or a file path'),
+        '"syslog:HOST:PORT" (UDP), "syslog:tcp@HOST:PORT" or a file path'),
     Key("log_level", choice(*LOG_LEVELS), "info", "least severe message logged; access logs are info"),
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),

@@ -1,4 +1,4 @@
-"""Logging: one small writer for stderr, a file, or syslog (unix or UDP).
+"""Logging: one small writer for stderr, a file, or syslog (unix, UDP or TCP).
 
 Access lines are the hot path (one per session), so they are buffered and
 written once per event-loop iteration with a single write; other messages are
@@ -22,6 +22,13 @@ import time
 LEVELS = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "err": 3}
 FACILITY_DAEMON = 3
 MAX_BACKLOG = 64 * 1024   # bytes of log lines kept while the sink is full
+
+
+def _inet(where: str) -> tuple[int, tuple[str, int]]:
+    """"HOST:PORT" or "[IPv6]:PORT" -> (family, (host, port))."""
+    host, _, port = where.rpartition(":")
+    host = host.strip("[]")
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, int(port))
 
 
 def nonblocking_stderr() -> int:
@@ -49,7 +56,9 @@ class Log:
         self.tag = tag
         self.pid = os.getpid()
         self.fd = 2
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | None = None      # syslog datagrams
+        self.stream: tuple | None = None            # syslog over TCP: (family, address)
+        self.reconnect_at = 0.0
         self.pending: list[str] = []
         self.backlog = bytearray()    # the part of the lines the sink could not take yet
         self.dropped = 0              # lines dropped since the sink was last able to take them
@@ -64,18 +73,34 @@ class Log:
             self.fd = nonblocking_stderr()
         elif self.target.startswith("syslog"):
             where = self.target[7:] or "/dev/log"
+            if where.startswith("tcp@"):
+                self.stream = _inet(where[4:])
+                return self._connect_stream()
             if where.startswith("/"):
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             else:
-                host, _, port = where.rpartition(":")
-                host = host.strip("[]")
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                family, where = _inet(where)
                 self.sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                where = (host, int(port))
             self.sock.connect(where)
             self.sock.setblocking(False)
         else:
             self.fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def _connect_stream(self) -> None:
+        """Syslog over TCP (newline-framed, RFC 6587): a non-blocking connect;
+        until it completes, lines wait in the backlog as for a full sink."""
+        family, address = self.stream
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock.connect_ex(address)
+        self.fd = sock.detach()
+
+    def _stream_failed(self) -> None:
+        """The receiver is gone: what waits is lost (counted); reconnect in a second."""
+        os.close(self.fd)
+        self.fd = -1
+        self.dropped += self.backlog.count(b"\n")
+        self.backlog.clear()
+        self.reconnect_at = time.monotonic() + 1.0
 
     def reopen(self) -> None:
         """USR1: reopen a log file (logrotate moved the old one away); after
@@ -95,6 +120,9 @@ class Log:
         self.pending = []
         self.backlog.clear()
         self.dropped = 0
+        if self.stream is not None and self.fd >= 0:
+            os.close(self.fd)       # a TCP stream of its own: lines of two
+            self._connect_stream()  # processes never interleave mid-line
 
     # ------------------------------------------------------------ writing
     def _stamp(self) -> str:
@@ -117,6 +145,14 @@ class Log:
                 except OSError:
                     self.dropped += 1  # syslog is lossy by nature; never block or crash the loop for it
             return
+        if self.stream is not None:
+            header = f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+            if self.fd < 0:
+                if time.monotonic() < self.reconnect_at:
+                    self.dropped += len(lines)
+                    return
+                self._connect_stream()
+            return self._write("".join(f"{header}{line}\n" for line in lines).encode(errors="replace"))
         stamp = self._stamp()
         self._write("".join(f"{stamp}{line}\n" for line in lines).encode(errors="replace"))
 
@@ -129,7 +165,10 @@ class Log:
         except BlockingIOError:
             written = 0
         except OSError:
-            return  # the sink is gone (EPIPE, EIO): nothing to wait for
+            self.dropped += data.count(b"\n")
+            if self.stream is not None:
+                self._stream_failed()
+            return  # the sink is gone (EPIPE, EIO, ENOSPC): nothing to wait for
         if written < len(data):
             self._keep(data[written:])
         elif self.dropped:
@@ -149,6 +188,10 @@ class Log:
         except BlockingIOError:
             return False
         except OSError:
+            if self.stream is not None:
+                self._stream_failed()
+                return False
+            self.dropped += self.backlog.count(b"\n")
             self.backlog.clear()
         if not self.backlog and self.dropped:
             self._say_dropped()
@@ -156,7 +199,7 @@ class Log:
 
     def _say_dropped(self) -> None:
         dropped, self.dropped = self.dropped, 0
-        self._write(f"{self._stamp()}log sink was full: {dropped} log lines dropped\n".encode())
+        self._emit(LEVELS["warning"], [f"log sink was full: {dropped} log lines dropped"])
 
     def access(self, line: str) -> None:
         """Queue an access line; flush() writes the batch."""
@@ -167,7 +210,7 @@ class Log:
         if self.pending:
             lines, self.pending = self.pending, []
             self._emit(6, lines)
-        elif self.backlog:
+        elif self.backlog and self.fd >= 0:
             self._drain()
 
     def log(self, level: str, message: str) -> None:
