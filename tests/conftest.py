@@ -8,10 +8,14 @@ is printed in the test's report.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests import support
+from tests.http_support import HTTPBackend, fill_backlog, http_config
 from tests.support import Backend, Proxyd
+from tests.tagged import tagged_backend  # noqa: F401 (a fixture for every test module)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -121,3 +125,52 @@ def load():
     yield start
     for clients in started:
         clients.stop()
+
+
+@pytest.fixture
+def http_backend():
+    """http_backend(reply=None, name="http", **kw) -> a running HTTPBackend,
+    closed at teardown."""
+    started: list[HTTPBackend] = []
+
+    def make(reply=None, name: str = "http", **kw) -> HTTPBackend:
+        b = HTTPBackend(reply, name=name, **kw)
+        started.append(b)
+        return b
+
+    yield make
+    for b in reversed(started):
+        b.close()
+
+
+@pytest.fixture
+def http_proxy(proxyd):
+    """http_proxy(backends, splice=True, **http_config_kw) -> a running Proxyd
+    with one http frontend "fe" (p.port).  BACKENDS: a list of servers
+    (backend "app"), or a dict as http_config takes it."""
+
+    def start(backends, splice: bool = True, **kw) -> Proxyd:
+        if not isinstance(backends, dict):
+            backends = {"app": list(backends)}
+        kw["global_"] = {"splice": splice, **kw.get("global_", {})}
+        return proxyd(http_config(support.free_port(), backends, **kw))
+
+    return start
+
+
+@pytest.fixture
+def full_backlog():
+    """The address of a listen(0) socket that never accepts, its queue
+    filled: the kernel drops further SYNs, so a connect to it hangs until
+    it times out (a black-holed server, without root or a namespace)."""
+    listener = socket.socket()
+    listener.bind((support.LOCALHOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = fill_backlog(port)
+    try:
+        yield f"{support.LOCALHOST}:{port}"
+    finally:
+        for s in held:
+            s.close()
+        listener.close()

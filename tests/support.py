@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -827,3 +828,18 @@ def run_proxyd(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.run([sys.executable, "-m", "proxyd", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_parallel(count: int, threads: int, job) -> list[BaseException]:
+    """JOB(i) for i in range(COUNT) over THREADS threads; the errors raised."""
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            job(i)
+        except BaseException as e:  # collected and reported by the caller
+            errors.append(e)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(count)))
+    return errors

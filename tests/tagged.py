@@ -20,8 +20,8 @@ Servers (threads of the test process, built on support.Backend):
 * tagged_reply, the same answer for tests.http_support.HTTPBackend.
 
 Every server connection keeps what it received in `rec.tag` (a TagConn).
-For the proxy side: the `tagged_backend` fixture (import it into a test
-module), fd_kinds() (a worker's open fds by kind) and settle() (no session
+For the proxy side: the `tagged_backend` fixture (conftest.py offers it to
+every module), fd_kinds() (a worker's open fds by kind) and settle() (no session
 left).
 """
 

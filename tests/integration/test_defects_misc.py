@@ -17,7 +17,6 @@ import fcntl
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -29,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from tests.http_support import HTTPBackend, HTTPClient, Reply, build_request, fill_backlog, http_config
-from tests.support import (LOCALHOST, LOG_LINE, REPO, Proxyd, connect, free_port, parse_access_line, payload,
+from tests.http_support import HTTPBackend, HTTPClient, Reply, build_request, http_config
+from tests.support import (LOG_LINE, REPO, Proxyd, connect, free_port, parse_access_line, payload,
                            read_to_end, sha256, tcp_config, wait_for, write_config)
 
 HEAD = struct.Struct(">I")  # body length
@@ -97,33 +96,16 @@ def run_sessions(count: int, clients: int, session, join_timeout: float = 240) -
     return errors
 
 
-@pytest.fixture
-def black_hole():
-    """The address of a listen(0) socket that never accepts, its queue
-    filled: SYNs to it are dropped, so a connect to it hangs."""
-    listener = socket.socket()
-    listener.bind((LOCALHOST, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    held = fill_backlog(port)
-    try:
-        yield f"{LOCALHOST}:{port}"
-    finally:
-        for s in held:
-            s.close()
-        listener.close()
-
-
 # ---------------------------------------------- #16: retry after a timeout
 
 @pytest.mark.parametrize("splice", SPLICE)
-def test_retry_after_connect_timeout_uses_its_new_connection(splice, black_hole, backend, tcp_proxy):
+def test_retry_after_connect_timeout_uses_its_new_connection(splice, full_backlog, backend, tcp_proxy):
     """Servers [black-holed, good], round robin, timeout_connect 200 ms,
     retries 2, one worker: every session whose first attempt times out is
     retried on the good server and relayed there whole.  32 sequential
     sessions, then 16 at once; each echoes its own tagged bytes."""
     good = backend(framed_echo_close_handler, name="good")
-    proxy = tcp_proxy([("hole", black_hole), ("good", good.address)], workers=1,
+    proxy = tcp_proxy([("hole", full_backlog), ("good", good.address)], workers=1,
                       global_={"splice": splice},
                       backend={"balance": "roundrobin", "timeout_connect": "200ms", "retries": 2})
     sequential, concurrent = 32, 16

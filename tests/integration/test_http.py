@@ -16,81 +16,18 @@ import random
 import re
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
                                 echo_reply, fill_backlog, get, http_config, wait_http_access_lines)
-from tests.support import (LOCALHOST, LOG_LINE, Proxyd, free_port, payload, settle_towards, sha256,
+from tests.support import (LOCALHOST, LOG_LINE, Proxyd, free_port, payload, run_parallel, settle_towards, sha256,
                            states_towards, timewait_towards, wait_for, write_config)
 
 MiB = 1 << 20
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture
-def http_backend():
-    """http_backend(reply=None, name="http", **kw) -> a running HTTPBackend,
-    closed at teardown."""
-    started: list[HTTPBackend] = []
-
-    def make(reply=None, name: str = "http", **kw) -> HTTPBackend:
-        b = HTTPBackend(reply, name=name, **kw)
-        started.append(b)
-        return b
-
-    yield make
-    for b in reversed(started):
-        b.close()
-
-
-@pytest.fixture
-def http_proxy(proxyd):
-    """http_proxy(backends, **http_config_kw) -> a running Proxyd with one http
-    frontend "fe" (p.port).  BACKENDS: a list of servers (backend "app"), or
-    a dict as http_config takes it."""
-
-    def start(backends, **kw) -> Proxyd:
-        if not isinstance(backends, dict):
-            backends = {"app": list(backends)}
-        return proxyd(http_config(free_port(), backends, **kw))
-
-    return start
-
-
-@pytest.fixture
-def full_backlog():
-    """The address of a listen(0) socket that never accepts, its queue
-    filled: a connect to it hangs until it times out."""
-    listener = socket.socket()
-    listener.bind((LOCALHOST, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    held = fill_backlog(port)
-    try:
-        yield f"{LOCALHOST}:{port}"
-    finally:
-        for s in held:
-            s.close()
-        listener.close()
-
-
-def run_parallel(count: int, threads: int, job) -> list[BaseException]:
-    """JOB(i) for i in range(COUNT) over THREADS threads; the errors raised."""
-    errors: list[BaseException] = []
-
-    def one(i):
-        try:
-            job(i)
-        except BaseException as e:  # collected and reported by the caller
-            errors.append(e)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(count)))
-    return errors
-
 
 # ------------------------------------------------------- keep-alive, TIME_WAIT
 

@@ -23,13 +23,12 @@ import errno
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
-                                fill_backlog, http_config, wait_http_access_lines)
-from tests.support import IO_TIMEOUT, LOCALHOST, Proxyd, free_port, payload, sha256, ss, wait_for
+from tests.http_support import (HTTPClient, Reply, assert_own_error, build_request,
+                                wait_http_access_lines)
+from tests.support import IO_TIMEOUT, LOCALHOST, payload, run_parallel, sha256, ss, wait_for
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -38,69 +37,6 @@ SPLICE = pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"]
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture
-def http_backend():
-    """http_backend(reply=None, name="http", **kw) -> a running HTTPBackend,
-    closed at teardown."""
-    started: list[HTTPBackend] = []
-
-    def make(reply=None, name: str = "http", **kw) -> HTTPBackend:
-        b = HTTPBackend(reply, name=name, **kw)
-        started.append(b)
-        return b
-
-    yield make
-    for b in reversed(started):
-        b.close()
-
-
-@pytest.fixture
-def http_proxy(proxyd):
-    """http_proxy(backends, splice=True, **http_config_kw) -> a running Proxyd
-    with one http frontend "fe" (p.port).  BACKENDS: a list of servers
-    (backend "app"), or a dict as http_config takes it."""
-
-    def start(backends, splice: bool = True, **kw) -> Proxyd:
-        if not isinstance(backends, dict):
-            backends = {"app": list(backends)}
-        kw["global_"] = {"splice": splice, **kw.get("global_", {})}
-        return proxyd(http_config(free_port(), backends, **kw))
-
-    return start
-
-
-@pytest.fixture
-def black_hole():
-    """The address of a listen(0) socket that never accepts, its queue
-    filled: the kernel drops further SYNs, so a connect to it hangs."""
-    listener = socket.socket()
-    listener.bind((LOCALHOST, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    held = fill_backlog(port)
-    try:
-        yield f"{LOCALHOST}:{port}"
-    finally:
-        for s in held:
-            s.close()
-        listener.close()
-
-
-def run_parallel(count: int, threads: int, job) -> list[BaseException]:
-    """JOB(i) for i in range(COUNT) over THREADS threads; the errors raised."""
-    errors: list[BaseException] = []
-
-    def one(i):
-        try:
-            job(i)
-        except BaseException as e:  # collected and reported by the caller
-            errors.append(e)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(count)))
-    return errors
-
 
 def tagged_reply(req) -> Reply:
     """200 whose body is the request as the server parsed it: `METHOD target\\n` + body."""
@@ -222,12 +158,12 @@ def test_retry_after_a_refused_connect_sends_the_whole_request(splice, reserve_p
 # ------------------------------------ #16: a retried connect (connect timeout)
 
 @SPLICE
-def test_retry_after_a_connect_timeout_uses_the_new_connection(splice, black_hole, http_backend, http_proxy):
+def test_retry_after_a_connect_timeout_uses_the_new_connection(splice, full_backlog, http_backend, http_proxy):
     """Servers [black-holed (SYNs dropped), good], round robin, retries = 2,
     timeout_connect 200ms: a request whose first connect times out is sent
     whole on the retried connection, sequentially and concurrently."""
     app = http_backend(tagged_reply)
-    proxy = http_proxy({"app": {"servers": [black_hole, app], "balance": "roundrobin", "retries": 2,
+    proxy = http_proxy({"app": {"servers": [full_backlog, app], "balance": "roundrobin", "retries": 2,
                                 "timeout_connect": "200ms", "timeout_server": "3s"}}, splice=splice)
 
     def one(i: int) -> None:

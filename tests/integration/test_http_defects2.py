@@ -27,8 +27,8 @@ import time
 import psutil
 import pytest
 
-from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
-                                fill_backlog, http_config, wait_http_access_lines)
+from tests.http_support import (HTTPClient, Reply, assert_own_error, build_request,
+                                http_config, wait_http_access_lines)
 from tests.support import (LOCALHOST, echo_handler, free_port, payload, recv_exactly,
                            run_proxyd, sha256, stays, tcp_config, wait_for, write_config)
 
@@ -36,50 +36,6 @@ MiB = 1 << 20
 
 
 # ------------------------------------------------------------------ fixtures
-
-@pytest.fixture
-def http_backend():
-    """http_backend(reply=None, name="http", **kw) -> a running HTTPBackend, closed at teardown."""
-    started: list[HTTPBackend] = []
-
-    def make(reply=None, name: str = "http", **kw) -> HTTPBackend:
-        b = HTTPBackend(reply, name=name, **kw)
-        started.append(b)
-        return b
-
-    yield make
-    for b in reversed(started):
-        b.close()
-
-
-@pytest.fixture
-def http_proxy(proxyd):
-    """http_proxy(backends, **http_config_kw) -> a running Proxyd with one http frontend "fe"."""
-
-    def start(backends, **kw):
-        if not isinstance(backends, dict):
-            backends = {"app": list(backends)}
-        return proxyd(http_config(free_port(), backends, **kw))
-
-    return start
-
-
-@pytest.fixture
-def full_backlog():
-    """The address of a listen(0) socket that never accepts, its queue filled:
-    a connect to it hangs until timeout_connect (a 503 on old and new code)."""
-    listener = socket.socket()
-    listener.bind((LOCALHOST, 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    held = fill_backlog(port)
-    try:
-        yield f"{LOCALHOST}:{port}"
-    finally:
-        for s in held:
-            s.close()
-        listener.close()
-
 
 def only_worker(proxy) -> psutil.Process:
     workers = proxy.workers()

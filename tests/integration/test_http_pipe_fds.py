@@ -14,7 +14,7 @@ import pytest
 from tests import tagged
 from tests.http_support import http_config
 from tests.support import free_port, wait_for
-from tests.tagged import DOWN, describe, fd_kinds, http_head, settle, tagged_backend  # noqa: F401 (a fixture)
+from tests.tagged import DOWN, describe, fd_kinds, http_head, settle
 
 KiB, MiB = 1 << 10, 1 << 20
 BIG = 64 * MiB

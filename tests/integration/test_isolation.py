@@ -26,8 +26,7 @@ import pytest
 from tests import tagged
 from tests.http_support import HTTPClient, http_config
 from tests.support import free_port, ss, wait_for
-from tests.tagged import (DOWN, RECORD, UP, Plan, TaggedBackend, describe, http_head, http_request, stream,
-                          tagged_backend)  # noqa: F401 (a fixture)
+from tests.tagged import DOWN, RECORD, UP, Plan, TaggedBackend, describe, http_head, http_request, stream
 
 KiB, MiB = 1 << 10, 1 << 20
 BIG = 64 * MiB       # more than every buffer on the path: the transfer stalls

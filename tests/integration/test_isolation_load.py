@@ -22,7 +22,7 @@ from tests import tagged
 from tests.http_support import HTTPClient, http_config
 from tests.support import free_port, tcp_config, wait_for
 from tests.tagged import (DOWN, RECORD, UP, Plan, TaggedBackend, check_stream, describe, fd_kinds, http_head,
-                          http_request, settle, stream, tagged_backend)  # noqa: F401 (a fixture)
+                          http_request, settle, stream)
 
 KiB, MiB = 1 << 10, 1 << 20
 BIG = 64 * MiB
