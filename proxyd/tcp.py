@@ -259,6 +259,14 @@ def connect_next(backend, client_ip: str, tried: list) -> tuple:
             return None, ("RC" if result in RESOURCE_ERRORS else "SC", errno_name(result))
 
 
+def abandon_attempt(loop, side: Side, server) -> None:
+    """A connect that failed: the socket never carried a byte, so a plain
+    close (no TIME_WAIT, nothing to reset); the server has one session less."""
+    loop.forget(side.fd)
+    side.sock.close()
+    server.active -= 1
+
+
 def ioctl_int(fd: int, request: int) -> int:
     return int.from_bytes(fcntl.ioctl(fd, request, ZERO), "little", signed=True)
 
@@ -332,11 +340,8 @@ class TcpSession:
         self._arm(self.loop.now + self.backend.config.timeout_connect)
 
     def _connect_failed(self, err: int, code: str = "") -> None:
-        server, self.server = self.server, None
-        self.loop.forget(server.fd)
-        server.sock.close()  # never established: no TIME_WAIT, nothing to reset
-        self.server_ref.active -= 1
-        self.server_ref = None
+        abandon_attempt(self.loop, self.server, self.server_ref)
+        self.server = self.server_ref = None
         if len(self.tried) <= self.backend.config.retries:
             return self._connect()
         self._end(code or ("RC" if err in RESOURCE_ERRORS else "SC"), errno_name(err))

@@ -24,7 +24,7 @@ from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path, same_authority,
                                 target_host)
-from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Side, TcpSession, connect_next,
+from proxyd.tcp import (BUDGET, INF, RESOURCE_ERRORS, PeerError, Side, TcpSession, abandon_attempt, connect_next,
                         errno_name, ioctl_int, peer_label)
 
 READ_SIZE = 65536
@@ -369,10 +369,8 @@ class HttpSession:
 
     def _connect_failed(self, err: int, timed_out: bool = False) -> None:
         """This attempt failed; the request, head and body, waits for the next one."""
-        server, self.server = self.server, None
-        self.loop.forget(server.fd)
-        server.sock.close()  # never established: no TIME_WAIT, nothing to reset
-        self.server_ref.active -= 1
+        abandon_attempt(self.loop, self.server, self.server_ref)
+        self.server = None
         if len(self.tried) <= self.x.backend.config.retries:
             return self._connect()
         self.err = errno_name(err)
