@@ -1,5 +1,9 @@
 """TCP relaying: bytes intact both ways, many sessions at once, half-close,
-and nothing lost when the client closes first (half_close = false)."""
+and nothing lost when the client closes first (half_close = false).
+
+With half_close = false the client's FIN is not passed on: a server that
+waits for EOF is reset once it has been silent for timeout_fin, which the
+tests that wait for that end set short (test_half_close.py has the rest)."""
 
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ from tests.support import (connect, echo_handler, payload, read_to_end, recv_exa
 
 SIZES = [0, 1, 64 * 1024, 20 * 1024 * 1024]
 SIZE_IDS = ["0B", "1B", "64KiB", "20MiB"]
+QUICK_FIN = {"timeout_fin": "300ms"}
 
 
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 def test_client_to_server_intact(size, backend, tcp_proxy):
     sink = backend(sink_handler())
-    proxy = tcp_proxy([sink])
+    proxy = tcp_proxy([sink], frontend=QUICK_FIN)
     data = payload(size, seed=size)
 
     with connect(proxy.port) as client:
@@ -49,7 +54,7 @@ def test_server_to_client_intact(size, backend, tcp_proxy):
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)
 def test_echo_round_trip_intact(size, backend, tcp_proxy):
     echo = backend(echo_handler)
-    proxy = tcp_proxy([echo])
+    proxy = tcp_proxy([echo], frontend=QUICK_FIN)
     data = payload(size, seed=size + 2)
 
     with connect(proxy.port) as client:
@@ -60,7 +65,8 @@ def test_echo_round_trip_intact(size, backend, tcp_proxy):
         echoed = recv_exactly(client, size)
         sender.join(60)
         assert not sender.is_alive()
-    # With half_close = false the client closes only once it has its answer.
+    # The client closes once it has its answer; the server, waiting for an
+    # EOF that is not passed on, is reset after timeout_fin.
 
     assert sha256(echoed) == sha256(data)
     rec = echo.wait_done(1, timeout=30)[0]
@@ -156,9 +162,10 @@ def test_half_close_server_first(backend, tcp_proxy):
 
 def test_client_close_delivers_everything_to_slow_server(backend, tcp_proxy):
     """half_close = false (default): the client sends 4 MiB and closes at
-    once; a server that starts reading 1.5 s after accept still gets every
-    byte.  A reset after the last byte is allowed (the proxy resets the server
-    socket once everything is acknowledged); lost bytes are not."""
+    once; a server that starts reading 1.5 s after accept (within
+    timeout_fin, 5 s by default) still gets every byte.  The reset that ends
+    the session (timeout_fin after the last byte) is allowed; lost bytes are
+    not."""
     data = payload(4 * 1024 * 1024, seed=5)
     sink = backend(sink_handler(delay=1.5))
     proxy = tcp_proxy([sink])
