@@ -154,7 +154,9 @@ def test_long_session_survives_reloads(backend, tcp_proxy):
     """A session opened before three reloads keeps relaying across them; its
     worker (generation 1) stays until the session ends, then exits."""
     echo = backend(echo_handler)
-    proxy = tcp_proxy([echo], workers=2)  # grace: the default 30 s
+    # grace: the default 30 s; the echo server waits for an EOF that is not
+    # passed on, so the session ends timeout_fin after the client's close.
+    proxy = tcp_proxy([echo], workers=2, frontend={"timeout_fin": "300ms"})
     client = connect(proxy.port, timeout=15)
     exchange(client, b"before any reload\n")
     old = holder(proxy, client)
@@ -446,7 +448,7 @@ def test_usr1_reopens_log_file(backend, tcp_proxy, tmp_path):
     logfile = tmp_path / "proxyd-file.log"
     rotated = tmp_path / "proxyd-file.log.1"
     echo = backend(echo_handler)
-    proxy = tcp_proxy([echo], workers=2, global_={"log": str(logfile)})
+    proxy = tcp_proxy([echo], workers=2, global_={"log": str(logfile)}, frontend={"timeout_fin": "300ms"})
 
     def access_lines(path):
         return [a for a in map(parse_access_line, path.read_text().splitlines()) if a]

@@ -63,7 +63,8 @@ def test_term_stops_at_once(backend, tcp_proxy):
 
 def test_quit_refuses_new_and_finishes_open_sessions(backend, tcp_proxy):
     echo = backend(echo_handler)
-    proxy = tcp_proxy([echo])  # grace defaults to 30s
+    # grace defaults to 30s; the session ends timeout_fin after the client closes
+    proxy = tcp_proxy([echo], frontend={"timeout_fin": "300ms"})
     workers = proxy.workers()
     client = connect(proxy.port)
     exchange(client, b"before QUIT\n")
