@@ -36,7 +36,7 @@ import pytest
 
 from tests import drills
 from tests.drills import Netns, NetnsProxyd, cpu_over, ctx_switches, median, percentile
-from tests.http_support import (HTTPBackend, HTTPClient, Reply, assert_own_error, build_request,
+from tests.http_support import (HTTPBackend, HTTPClient, _Buffered, Reply, assert_own_error, build_request,
                                 http_access_lines, http_config, parse_http_access_line)
 from tests.support import (LOCALHOST, REPO, Backend, echo_handler, free_port, parse_access_line, payload,
                            sha256, tcp_config, wait_for, write_config)
@@ -169,6 +169,84 @@ def exchange(messages: dict, timeout: float = 60.0) -> list:
     return [(len(c.got), c.end) for c in left if not c.echoed]
 
 
+# ------------------------------------------------------------ namespaces
+
+@pytest.fixture
+def netns():
+    """A network namespace of the test's own (lo up), deleted at teardown."""
+    why = drills.netns_available()
+    if why:
+        pytest.skip(why)
+    ns = Netns()
+    yield ns
+    ns.delete()
+
+
+@pytest.fixture
+def ns_proxyd(request, tmp_path, netns):
+    """ns_proxyd(config, port, workers=1) -> a NetnsProxyd running in `netns`,
+    stopped (by pid) at teardown, before the namespace is deleted."""
+    started: list[NetnsProxyd] = []
+
+    def start(config, port: int, workers: int = 1) -> NetnsProxyd:
+        n = len(started)
+        cfg = write_config(tmp_path, config, f"ns-proxyd{n}.toml")
+        p = NetnsProxyd(netns, cfg, tmp_path / f"ns-proxyd{n}.log")
+        p.port = port
+        started.append(p)
+        p.start()
+        p.wait_ready([port], workers)
+        return p
+
+    yield start
+    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    for p in reversed(started):
+        code = p.stop()
+        if failed:
+            print(f"---- proxyd {p.config_path.name} in {netns.name} (exit {code}) log tail:\n{p.log_tail(60)}")
+
+
+class SourcePorts:
+    """Client source ports outside the namespace's narrowed ephemeral range,
+    each used once: clients never take a port the proxy needs."""
+
+    def __init__(self, first: int = 50000):
+        self._next = iter(range(first, 61000))
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            return next(self._next)
+
+
+class NsTaggedClient(TaggedClient):
+    """A TaggedClient connecting from inside NETNS, from SOURCE_PORT."""
+
+    def __init__(self, netns: Netns, port: int, source_port: int, tag: bytes):
+        self.tag = tag
+        self.sock = netns.connect((LOCALHOST, port), source=(LOCALHOST, source_port))
+        self.address = "%s:%d" % self.sock.getsockname()[:2]
+        self.sock.sendall(tag)
+        self.sock.setblocking(False)
+        self.got = bytearray()
+        self.end = None
+
+
+class NsHTTPClient(HTTPClient):
+    """An HTTPClient connecting from inside NETNS, from SOURCE_PORT."""
+
+    def __init__(self, netns: Netns, port: int, source_port: int, timeout: float = 30.0):
+        _Buffered.__init__(self, netns.connect((LOCALHOST, port), timeout, (LOCALHOST, source_port)))
+        self.received = 0
+        self.sent = 0
+
+
+def narrow_ports(netns: Netns, first: int, last: int) -> None:
+    netns.sysctl("net.ipv4.ip_local_port_range", f"{first} {last}")
+    out = netns.run("sysctl", "-n", "net.ipv4.ip_local_port_range").stdout.split()
+    assert out == [str(first), str(last)], out
+
+
 # ================================================================ drills
 
 
@@ -273,8 +351,12 @@ def test_drill_file_descriptors(starve, backend, proxyd):
 
             fds_starved = worker.num_fds()
             wakeups = ctx_switches(worker)
-            starved_cpu = cpu_over(
-                worker, STARVED_SECONDS, holds=lambda: len(other_lines(proxy, "again after")) < episode)
+            def still_starved():
+                assert len(other_lines(proxy, "again after")) < episode, \
+                    f"accepting resumed while nothing was released; log:\n{proxy.log_tail(12)}"
+                return True
+
+            starved_cpu = cpu_over(worker, STARVED_SECONDS, holds=still_starved)
             wakeups = ctx_switches(worker) - wakeups
             report(f"fds episode {episode} starved", clients=len(clients), **counts,
                    worker_fds=f"{fds_starved}/{limit}", starved_cpu_s=f"{starved_cpu:.3f}",
@@ -440,3 +522,202 @@ def test_drill_splice_pipe_out_of_fds(backend, proxyd):
     finally:
         for c in clients:
             rst_close(c.sock)
+
+
+# ------------------------------------------------------------ source ports
+
+PORTS = (40000, 40031)        # 32 ephemeral ports in the drill's namespace
+HELD = 48                     # concurrent sessions: more than the ports
+AFTER = 100                   # sequential sessions after: 3 times the ports
+
+
+def ns_backend(netns, make, *args, **kw):
+    """A backend (fixture factory MAKE) listening inside NETNS, on a port
+    outside the narrowed range (made before the range is narrowed)."""
+    for _ in range(10):
+        with netns.inside():
+            b = make(*args, **kw)
+        if not PORTS[0] <= b.port <= PORTS[1]:
+            return b
+    raise AssertionError("no backend port outside the drill's range in 10 tries")
+
+
+def test_drill_source_ports_tcp(netns, ns_proxyd, backend):
+    """In a namespace whose ip_local_port_range holds 32 ports, 48 TCP
+    sessions at once through one worker towards one server: those that get
+    a source port are relayed (their bytes echoed whole), the others are
+    closed at once with term RC err=EADDRNOTAVAIL; the worker does not
+    spin while the ports are all held (CPU beside idle).  The clients then
+    reset: every server socket is reset (no TIME_WAIT), so the ports are
+    back at once, and 100 sequential sessions (3 times the ports) all
+    succeed."""
+    echo = ns_backend(netns, backend, echo_handler)
+    narrow_ports(netns, *PORTS)
+    port = 8000
+    proxy = ns_proxyd(tcp_config(port, [echo], workers=1), port)
+    worker = proxy.workers()[0]
+    idle_cpu = cpu_over(worker, STARVED_SECONDS)
+    sources = SourcePorts()
+
+    clients = [NsTaggedClient(netns, port, sources.take(), b"held %03d " % i + payload(300, seed=i))
+               for i in range(HELD)]
+    try:
+        counts = poll_all(clients)
+        served = [c for c in clients if c.state == "served"]
+        closed = [c for c in clients if c.state == "closed"]
+        assert counts["waiting"] == 0, f"clients neither served nor closed: {counts}"
+        assert closed, f"all {HELD} sessions got a source port out of {PORTS}: {counts}"
+        assert 16 <= len(served) <= PORTS[1] - PORTS[0] + 1, counts
+        towards = netns.states_towards(echo.port)
+        starved_cpu = cpu_over(worker, STARVED_SECONDS)
+        report("source ports tcp held", ports=PORTS[1] - PORTS[0] + 1, sessions=HELD, **counts,
+               sockets_towards_server=len(towards), starved_cpu_s=f"{starved_cpu:.3f}",
+               idle_cpu_s=f"{idle_cpu:.3f}")
+        assert starved_cpu < BUSY_LOOP_CPU, f"{starved_cpu:.2f} s of CPU in {STARVED_SECONDS} s: a busy loop"
+        lines = {a.client: a for a in proxy.wait_access_lines(len(closed))}
+        for c in closed:
+            a = lines.get(c.address)
+            assert a is not None and (a.term, a.err) == ("RC", "EADDRNOTAVAIL"), \
+                f"closed client {c.address}: {a.raw if a else 'no access line'}"
+            assert not c.got
+    finally:
+        for c in clients:
+            rst_close(c.sock)
+
+    # The resource comes back: every server socket reset, none in TIME_WAIT.
+    wait_for(lambda: not netns.states_towards(echo.port), 10, "no socket left towards the server")
+    assert not netns.ss("-tan", "state", "time-wait"), netns.ss("-tan", "state", "time-wait")
+    failures = []
+    for i in range(AFTER):
+        c = NsTaggedClient(netns, port, sources.take(), b"after %03d " % i + payload(100, seed=i))
+        try:
+            wait_for(lambda: (c.poll(), c.state != "waiting")[1], 10, f"session {i} after")
+            if c.state != "served":
+                failures.append(i)
+        finally:
+            rst_close(c.sock)
+    tw = netns.ss("-tan", "state", "time-wait", f"( dport = :{echo.port} )")
+    report("source ports tcp after", sequential_sessions=AFTER, failed=len(failures),
+           time_wait_towards_server=len(tw))
+    assert not failures, f"{len(failures)} of {AFTER} sessions failed once the ports were back: {failures[:10]}"
+    assert not tw, tw
+
+
+def gated_reply(gate: threading.Event):
+    def reply(req):
+        gate.wait(30)  # held until the test opens the gate: its source port stays taken
+        return Reply(body=req.target.encode())
+    return reply
+
+
+def test_drill_source_ports_http(netns, ns_proxyd, http_backend):
+    """The same namespace and 32 ports, in HTTP mode: 48 requests at once
+    whose server answers only when the test lets it.  Those that got a
+    source port are answered 200 with their own body once it does; the
+    others at once with proxyd's own 503.  No busy loop while the ports
+    are held.  Each server connection is reset after its response, so the
+    ports are back at once: 100 sequential requests after all get 200."""
+    gate = threading.Event()
+    server = ns_backend(netns, http_backend, gated_reply(gate))
+    narrow_ports(netns, *PORTS)
+    port = 8000
+    proxy = ns_proxyd(http_config(port, {"app": [server]}, workers=1), port)
+    worker = proxy.workers()[0]
+    idle_cpu = cpu_over(worker, STARVED_SECONDS)
+    sources = SourcePorts()
+
+    def one(i: int):
+        with NsHTTPClient(netns, port, sources.take()) as client:
+            return client.request(build_request("GET", f"/held/{i}"))
+
+    try:
+        with ThreadPoolExecutor(HELD) as pool:
+            futures = [pool.submit(one, i) for i in range(HELD)]
+            wait_for(lambda: sum(f.done() for f in futures) + len(server.conns()) >= HELD, 20,
+                     "every request answered 503 or held by the server")
+            rejected = [f.result() for f in futures if f.done()]
+            held = len(server.conns())
+            starved_cpu = cpu_over(worker, STARVED_SECONDS)
+            report("source ports http held", ports=PORTS[1] - PORTS[0] + 1, requests=HELD,
+                   held_by_server=held, answered_503=len(rejected), starved_cpu_s=f"{starved_cpu:.3f}",
+                   idle_cpu_s=f"{idle_cpu:.3f}")
+            assert rejected, f"all {HELD} requests got a source port out of {PORTS}"
+            for resp in rejected:
+                assert_own_error(resp, 503)
+            assert starved_cpu < BUSY_LOOP_CPU, f"{starved_cpu:.2f} s of CPU in {STARVED_SECONDS} s: a busy loop"
+            gate.set()
+            results = [f.result(timeout=30) for f in futures]
+    finally:
+        gate.set()
+    ok = [(i, r) for i, r in enumerate(results) if r.status == 200]
+    assert len(ok) == held and len(ok) + len(rejected) == HELD, \
+        f"{len(ok)} answered 200, {len(rejected)} 503, {held} held by the server"
+    for i, r in ok:
+        assert r.body == f"/held/{i}".encode(), (i, r.body[:80])
+    lines = wait_http_lines(proxy, HELD)
+    assert sorted(a.status for a in lines) == sorted(r.status for r in results), [a.raw for a in lines][:5]
+    assert {(a.term[:2], a.err) for a in lines if a.status == 503} == {("RC", "EADDRNOTAVAIL")}, \
+        [a.raw for a in lines if a.status == 503][:3]
+
+    wait_for(lambda: not netns.states_towards(server.port), 10, "no socket left towards the server")
+    statuses = []
+    for i in range(AFTER):
+        with NsHTTPClient(netns, port, sources.take()) as client:
+            statuses.append(client.request(build_request("GET", f"/after/{i}")).status)
+    tw = netns.ss("-tan", "state", "time-wait", f"( dport = :{server.port} )")
+    report("source ports http after", sequential_requests=AFTER, not_200=sum(s != 200 for s in statuses),
+           time_wait_towards_server=len(tw))
+    assert statuses == [200] * AFTER, statuses
+    assert not tw, tw
+
+
+def wait_http_lines(proxy, count: int, timeout: float = 15.0):
+    lines = []
+
+    def enough():
+        nonlocal lines
+        lines = http_access_lines(proxy)
+        return len(lines) >= count
+
+    wait_for(enough, timeout, f"{count} http access lines")
+    return lines
+
+
+PORTS_EPISODE_DEFECT = (
+    "proxyd defect: running out of source ports is not an episode in the log: each failed connect "
+    "has its access line (term=RC err=EADDRNOTAVAIL) but no error line says the worker has run out "
+    "of source ports towards the server (as `accept: Too many open files ...` does for fds), nor "
+    "when connects work again")
+
+
+@pytest.mark.xfail(strict=True, reason=PORTS_EPISODE_DEFECT)
+def test_drill_source_ports_episode_line(netns, ns_proxyd, backend):
+    """8 ephemeral ports, 12 TCP sessions held at once, then all reset and
+    8 more: the episode of the 4 that found no source port is one error
+    line in the log (besides their access lines), with one line when
+    connects work again, as for fds."""
+    echo = ns_backend(netns, backend, echo_handler)
+    narrow_ports(netns, 40000, 40007)
+    port = 8000
+    proxy = ns_proxyd(tcp_config(port, [echo], workers=1), port)
+    sources = SourcePorts()
+    clients = [NsTaggedClient(netns, port, sources.take(), b"held %03d " % i) for i in range(12)]
+    try:
+        counts = poll_all(clients)
+        assert counts["closed"] and not counts["waiting"], counts
+    finally:
+        for c in clients:
+            rst_close(c.sock)
+    wait_for(lambda: not netns.states_towards(echo.port), 10, "no socket left towards the server")
+    after = [NsTaggedClient(netns, port, sources.take(), b"after %03d " % i) for i in range(8)]
+    try:
+        assert poll_all(after)["served"] == 8
+    finally:
+        for c in after:
+            rst_close(c.sock)
+    errors = [line for line in proxy.log_lines() if parse_access_line(line) is None
+              and ("EADDRNOTAVAIL" in line or "Cannot assign requested address" in line)]
+    assert len(errors) == 1, f"{len(errors)} episode lines for one episode of {counts['closed']} failed " \
+                             f"connects: {errors[:3]}; log:\n{proxy.log_tail(20)}"
+    assert any("again" in line for line in proxy.log_lines()[proxy.log_lines().index(errors[0]):]
+               if parse_access_line(line) is None), "no line when connects work again"
