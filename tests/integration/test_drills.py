@@ -235,8 +235,9 @@ class NsTaggedClient(TaggedClient):
 class NsHTTPClient(HTTPClient):
     """An HTTPClient connecting from inside NETNS, from SOURCE_PORT."""
 
-    def __init__(self, netns: Netns, port: int, source_port: int, timeout: float = 30.0):
-        _Buffered.__init__(self, netns.connect((LOCALHOST, port), timeout, (LOCALHOST, source_port)))
+    def __init__(self, netns: Netns, port: int, source_port: int | None = None, timeout: float = 30.0):
+        source = (LOCALHOST, source_port) if source_port else None
+        _Buffered.__init__(self, netns.connect((LOCALHOST, port), timeout, source))
         self.received = 0
         self.sent = 0
 
@@ -721,3 +722,276 @@ def test_drill_source_ports_episode_line(netns, ns_proxyd, backend):
                              f"connects: {errors[:3]}; log:\n{proxy.log_tail(20)}"
     assert any("again" in line for line in proxy.log_lines()[proxy.log_lines().index(errors[0]):]
                if parse_access_line(line) is None), "no line when connects work again"
+
+
+# ----------------------------------------------------------- black hole
+
+def framed_echo_close(conn, rec, backend) -> None:
+    """Read a 4-byte length and that many bytes, echo them, close first."""
+    got = b""
+    while len(got) < 4:
+        data = conn.recv(4 - len(got))
+        if not data:
+            rec.end = "eof"
+            return
+        got += data
+    left = struct.unpack(">I", got)[0]
+    conn.sendall(got)
+    while left:
+        data = conn.recv(min(262144, left))
+        if not data:
+            rec.end = "eof"
+            return
+        rec.feed(data)
+        conn.sendall(data)
+        left -= len(data)
+
+
+def ns_tagged_session(netns: Netns, port: int, tag: bytes, timeout: float = 30.0) -> tuple:
+    """One TCP session from inside NETNS: send TAG framed, read to the end:
+    (ok, bytes got, end, seconds)."""
+    started = time.monotonic()
+    sock = netns.connect((LOCALHOST, port), timeout)
+    try:
+        sock.sendall(struct.pack(">I", len(tag)) + tag)
+        got, end = bytearray(), "eof"
+        try:
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    break
+                got += data
+        except ConnectionResetError:
+            end = "reset"
+        except socket.timeout:
+            end = "timeout"
+    finally:
+        sock.close()
+    return bytes(got) == struct.pack(">I", len(tag)) + tag, len(got), end, time.monotonic() - started
+
+
+def ns_get(netns: Netns, port: int, target: str, timeout: float = 30.0):
+    started = time.monotonic()
+    with NsHTTPClient(netns, port, timeout=timeout) as client:
+        resp = client.request(build_request("GET", target))
+    return resp, time.monotonic() - started
+
+
+@pytest.mark.drill
+def test_drill_black_hole(netns, ns_proxyd, backend, http_backend):
+    """In a namespace, nft drops every packet towards some servers' ports:
+    their SYNs go unanswered.  One worker; TCP and HTTP frontends each on a
+    backend [black hole, good] (timeout_connect 500ms, retries 1, round
+    robin) and on one with only black holes (timeout_connect 2s, retries 1).
+
+    - [hole, good]: every session and request is served, those first sent
+      to the hole after its timeout_connect, on the good server (Tc >= 0.5 s);
+    - holes only: each TCP session is closed with term sC and each request
+      answered with proxyd's own 503, within a generous bound of the two
+      attempts' 4 s; the worker does not spin while they wait (CPU beside
+      idle); no socket is left towards the holes;
+    - the rule removed: the former holes serve at once, the retry backend
+      without any connect wait."""
+    tcp_good = ns_backend(netns, backend, framed_echo_close, name="tcp-good")
+    tcp_holes = [ns_backend(netns, backend, framed_echo_close, name=f"tcp-hole{i}") for i in (1, 2)]
+    http_good = ns_backend(netns, http_backend, name="http-good")
+    http_holes = [ns_backend(netns, http_backend, name=f"http-hole{i}") for i in (1, 2)]
+    holes = tcp_holes + http_holes
+    ports = {"tcp_retry": 8001, "tcp_none": 8002, "http_retry": 8003, "http_none": 8004}
+    retry = {"balance": "roundrobin", "timeout_connect": "500ms", "retries": 1}
+    none = {"balance": "roundrobin", "timeout_connect": "2s", "retries": 1}
+
+    def servers(*bs):
+        return [{"name": b.name, "address": b.address} for b in bs]
+
+    config = {
+        "global": {"workers": 1},
+        "frontends": {
+            name: {"bind": [f"{LOCALHOST}:{p}"], "backend": name,
+                   **({"mode": "http"} if name.startswith("http") else {})}
+            for name, p in ports.items()},
+        "backends": {
+            "tcp_retry": {"servers": servers(tcp_holes[0], tcp_good), **retry},
+            "tcp_none": {"servers": servers(*tcp_holes), **none},
+            "http_retry": {"servers": servers(http_holes[0], http_good), **retry},
+            "http_none": {"servers": servers(*http_holes), **none},
+        },
+    }
+    proxy = ns_proxyd(config, ports["tcp_retry"])
+    worker = proxy.workers()[0]
+    idle_cpu = cpu_over(worker, STARVED_SECONDS)
+    hole_ports = ", ".join(str(b.port) for b in holes)
+    netns.nft(f"""table inet drill {{
+        chain out {{ type filter hook output priority 0; ip daddr 127.0.0.1 tcp dport {{ {hole_ports} }} drop; }}
+    }}""")
+
+    # [hole, good]: every session served, some after a connect timeout.
+    n = 20
+    with ThreadPoolExecutor(2 * n) as pool:
+        tcp = [pool.submit(ns_tagged_session, netns, ports["tcp_retry"], b"retry %02d " % i + payload(5000, seed=i))
+               for i in range(n)]
+        http = [pool.submit(ns_get, netns, ports["http_retry"], f"/retry/{i}") for i in range(n)]
+        tcp = [f.result(timeout=60) for f in tcp]
+        http = [f.result(timeout=60) for f in http]
+    assert all(ok for ok, *_ in tcp), [t for t in tcp if not t[0]][:5]
+    assert [r.status for r, _ in http] == [200] * n, [(r.status, r.head[:60]) for r, _ in http]
+    assert [r.json()["target"] for r, _ in http] == [f"/retry/{i}" for i in range(n)]
+    tcp_lines = [a for a in proxy.wait_access_lines(n) if a.frontend == "tcp_retry"]
+    http_lines = wait_http_lines(proxy, n)
+    assert {a.server for a in tcp_lines} == {"tcp-good"}, {a.server for a in tcp_lines}
+    assert {a.server for a in http_lines} == {"http-good"}, {a.server for a in http_lines}
+    tcp_retried = sum(a.Tc >= 450 for a in tcp_lines)
+    http_retried = sum(a.Tc >= 450 for a in http_lines)
+    assert tcp_retried and http_retried, ([a.Tc for a in tcp_lines], [a.Tc for a in http_lines])
+    report("black hole retry", tcp_sessions=n, tcp_retried=tcp_retried, http_requests=n,
+           http_retried=http_retried, slowest_tcp_s=f"{max(t[3] for t in tcp):.2f}",
+           slowest_http_s=f"{max(t for _, t in http):.2f}")
+
+    # Holes only: clean ends within a bound, no busy loop while waiting.
+    m = 10
+    with ThreadPoolExecutor(2 * m) as pool:
+        tcp = [pool.submit(ns_tagged_session, netns, ports["tcp_none"], b"none %02d" % i) for i in range(m)]
+        http = [pool.submit(ns_get, netns, ports["http_none"], f"/none/{i}") for i in range(m)]
+        wait_for(lambda: len(netns.ss("-tan", "state", "syn-sent")) >= 2 * m, 10,
+                 f"{2 * m} connects towards the holes")
+        waiting_cpu = cpu_over(worker, STARVED_SECONDS,
+                               holds=lambda: not any(f.done() for f in tcp + http))
+        tcp = [f.result(timeout=60) for f in tcp]
+        http = [f.result(timeout=60) for f in http]
+    report("black hole none left", tcp_sessions=m, http_requests=m, waiting_cpu_s=f"{waiting_cpu:.3f}",
+           idle_cpu_s=f"{idle_cpu:.3f}", tcp_ends=sorted({t[2] for t in tcp}),
+           slowest_tcp_s=f"{max(t[3] for t in tcp):.2f}", slowest_http_s=f"{max(t for _, t in http):.2f}")
+    assert waiting_cpu < BUSY_LOOP_CPU, f"{waiting_cpu:.2f} s of CPU in {STARVED_SECONDS} s: a busy loop"
+    for ok, got, end, took in tcp:
+        assert (got, end) in ((0, "eof"), (0, "reset")) and 3.5 <= took < 12, (ok, got, end, took)
+    for resp, took in http:
+        assert_own_error(resp, 503)
+        assert 3.5 <= took < 12, took
+    lines = [a for a in proxy.wait_access_lines(n + m) if a.frontend == "tcp_none"]
+    assert len(lines) == m and {a.term for a in lines} == {"sC"}, [a.raw for a in lines][:3]
+    hlines = [a for a in wait_http_lines(proxy, n + m) if a.frontend == "http_none"]
+    assert len(hlines) == m and {a.term[:2] for a in hlines} == {"sC"} and {a.status for a in hlines} == {503}, \
+        [a.raw for a in hlines][:3]
+    for b in holes:
+        wait_for(lambda: not netns.states_towards(b.port), 10, f"no socket left towards {b.name}")
+        assert not b.connections(), f"{b.name} got a connection through the black hole"
+
+    # The rule removed: full service at once.
+    netns.nft("delete table inet drill")
+    before = len(proxy.access_lines())
+    for i in range(6):
+        ok, *rest = ns_tagged_session(netns, ports["tcp_none"], b"back %02d " % i + payload(3000, seed=i))
+        assert ok, rest
+        ok, *rest = ns_tagged_session(netns, ports["tcp_retry"], b"back %02d " % i + payload(3000, seed=i))
+        assert ok, rest
+        for name in ("http_none", "http_retry"):
+            resp, _ = ns_get(netns, ports[name], f"/back/{i}")
+            assert resp.status == 200 and resp.json()["target"] == f"/back/{i}", resp.head
+    back = proxy.wait_access_lines(before + 12)[before:]
+    assert max(a.Tc for a in back) < 450, [a.raw for a in back if a.Tc >= 450]
+    assert {a.server for a in back} == {"tcp-hole1", "tcp-hole2", "tcp-good"}, {a.server for a in back}
+    report("black hole back", sessions=12, requests=12, max_Tc_ms=max(a.Tc for a in back))
+
+
+# ------------------------------------------------------------- slowloris
+
+SLOW = 2000
+ORDINARY = 50
+HTTP_REQUEST_TIMEOUT = 3.0
+
+
+def parse_raw_response(raw: bytes):
+    """RAW (a whole response, as a client received it) through the strict
+    client reader."""
+    a, b = socket.socketpair()
+    try:
+        a.sendall(raw)
+        a.close()
+        reader = HTTPClient.__new__(HTTPClient)
+        _Buffered.__init__(reader, b)
+        reader.received = reader.sent = 0
+        return reader.read_response()
+    finally:
+        b.close()
+
+
+def ordinary_gets(port: int, count: int) -> list[tuple[float, float, int, bytes]]:
+    """COUNT sequential GETs, each on a new connection: (start, end, status, body)."""
+    out = []
+    for i in range(count):
+        started = time.monotonic()
+        with HTTPClient(port, timeout=30) as client:
+            resp = client.request(build_request("GET", f"/ordinary/{i}"))
+        out.append((started, time.monotonic(), resp.status, resp.json()["target"].encode()
+                    if resp.status == 200 else resp.body))
+    return out
+
+
+def test_drill_slowloris(http_backend, http_proxy):
+    """One worker, timeout_http_request 3s; 2,000 connections each send one
+    byte of a request head per second, never finishing it.  Each is
+    answered proxyd's own 408 about 3 s after it was accepted (the
+    timeout counts from accept, total, not from the last byte: at least
+    3 s and well under 3 times that), and logged; meanwhile 50 ordinary
+    GETs on the same worker all get their 200, their median latency
+    printed beside the same figure without the attack."""
+    server = http_backend()
+    proxy = http_proxy([server], workers=1, frontend={"timeout_http_request": f"{HTTP_REQUEST_TIMEOUT:g}s"})
+    worker = proxy.workers()[0]
+    calm = ordinary_gets(proxy.port, ORDINARY)
+    assert [s for _, _, s, _ in calm] == [200] * ORDINARY
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "tests.drills", "slowloris", str(proxy.port), str(SLOW), "1.0", "20"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env, text=True)
+    try:
+        ready_line = attacker.stdout.readline()
+        assert ready_line.startswith("ready "), (ready_line, attacker.stderr.read() if attacker.poll() else "")
+        cpu_before, wall_before = drills.cpu_seconds(worker), time.monotonic()
+        attack = ordinary_gets(proxy.port, ORDINARY)
+        out, err = attacker.communicate(timeout=90)
+        attack_cpu = drills.cpu_seconds(worker) - cpu_before
+        attack_wall = time.monotonic() - wall_before
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.communicate(timeout=10)
+    assert attacker.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    conns = result["conns"]
+
+    # Every slow connection: proxyd's own 408, about timeout_http_request after accept.
+    ends = {}
+    for c in conns:
+        ends[c["end"]] = ends.get(c["end"], 0) + 1
+    assert ends.keys() <= {"eof", "reset"}, f"slow connections not closed by the proxy: {ends}"
+    statuses = [c["status"] for c in conns]
+    assert statuses == ["408"] * SLOW, {s: statuses.count(s) for s in set(statuses)}
+    for c in conns[:: SLOW // 50]:
+        assert_own_error(parse_raw_response(c["raw"].encode("latin-1")), 408)
+    sent = [c["sent"] for c in conns]
+    assert min(sent) >= 2, f"a slow connection sent {min(sent)} bytes: the drip did not run"
+    lasted = [c["closed"] - c["connected"] for c in conns]
+    assert min(lasted) >= HTTP_REQUEST_TIMEOUT - 0.2, f"a slow connection cut after {min(lasted):.2f} s"
+    assert max(lasted) < 3 * HTTP_REQUEST_TIMEOUT, f"a slow connection answered after {max(lasted):.2f} s"
+
+    # Every ordinary request served, during the attack.
+    assert [s for _, _, s, _ in attack] == [200] * ORDINARY, [s for _, _, s, _ in attack]
+    assert [b for *_, b in attack] == [f"/ordinary/{i}".encode() for i in range(ORDINARY)]
+    under_attack = [sum(c["connected"] <= end < c["closed"] for c in conns) for _, end, _, _ in attack]
+    calm_ms = [1000 * (e - s) for s, e, _, _ in calm]
+    attack_ms = [1000 * (e - s) for s, e, _, _ in attack]
+    report("slowloris", port=proxy.port, slow_connections=SLOW, ramp_s=f"{result['ready'] - result['started']:.2f}",
+           answered_408=statuses.count("408"), head_bytes_sent=f"{min(sent)}..{max(sent)}", lasted_s=f"{min(lasted):.2f}..{max(lasted):.2f}",
+           median_lasted_s=f"{median(lasted):.2f}",
+           ordinary_median_ms=f"{median(attack_ms):.1f} (calm {median(calm_ms):.1f})",
+           ordinary_p90_ms=f"{percentile(attack_ms, 90):.1f} (calm {percentile(calm_ms, 90):.1f})",
+           slow_open_during_ordinary=f"{min(under_attack)}..{max(under_attack)}",
+           worker_cpu_during_attack_s=f"{attack_cpu:.2f} over {attack_wall:.1f} s")
+    assert min(under_attack) >= SLOW // 2, \
+        f"ordinary requests did not all run during the attack: slow connections open {under_attack}"
+    lines = wait_http_lines(proxy, SLOW + 2 * ORDINARY, timeout=30)
+    timeouts = [a for a in lines if a.status == 408]
+    assert len(timeouts) == SLOW and {a.term[:2] for a in timeouts} == {"cR"}, \
+        (len(timeouts), {a.term for a in timeouts})
