@@ -42,6 +42,7 @@ from proxyd.loop import IN, OUT, TROUBLE
 
 CONNECTING, RELAYING, ACK_WAIT, CLOSED = "connecting", "relaying", "ack-wait", "closed"
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+COPY_SIZE = 65536        # the most copied at once when no pipe can be had
 CHUNK = 1 << 20          # ask for this much per call; the pipe's capacity caps it
 BUDGET = 4 << 20         # bytes one pump may move per wake-up before others get a turn
 ACK_POLL_FIRST = 0.001   # first wait for the server's ACKs; doubles up to ACK_POLL_MAX
@@ -109,7 +110,7 @@ class Side:
 class Pump:
     """Moves bytes one way, SRC -> pipe -> DST, with os.splice."""
 
-    __slots__ = ("src", "dst", "pool", "pipe", "queued", "moved", "ended", "fin", "limit")
+    __slots__ = ("src", "dst", "pool", "pipe", "queued", "moved", "ended", "fin", "limit", "spill")
 
     def __init__(self, src: Side, dst: Side, pool):
         self.src = src
@@ -121,6 +122,7 @@ class Pump:
         self.ended = False     # nothing more will be read from src
         self.fin = False       # ...because src sent its FIN
         self.limit = -1        # bytes still to read before ending; -1 = no limit
+        self.spill = None      # bytes copied instead, when no fd was left for a pipe
 
     def run(self, now: float) -> bool:
         """Move what can move now; True if stopped by the budget with more to do."""
@@ -181,16 +183,29 @@ class Pump:
     # The two primitives a copying pump replaces.
     def _fill(self, size: int) -> int:
         if self.pipe is None:
-            self.pipe = self.pool.get()
+            try:
+                self.pipe = self.pool.get()
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                # No fd left for a pipe: copy this once rather than fail a peer.
+                self.spill = self.src.sock.recv(min(size, COPY_SIZE))
+                return len(self.spill)
         return os.splice(self.src.fd, self.pipe[1], size, flags=SPLICE_FLAGS)
 
     def _flush(self) -> int:
+        if self.spill is not None:
+            n = self.dst.sock.send(self.spill)
+            self.spill = self.spill[n:]
+            return n
         return os.splice(self.pipe[0], self.dst.fd, self.queued, flags=SPLICE_FLAGS)
 
     def _release(self) -> None:
-        if self.pipe is not None and not self.queued:
-            self.pool.put(self.pipe)
-            self.pipe = None
+        if not self.queued:
+            self.spill = None
+            if self.pipe is not None:
+                self.pool.put(self.pipe)
+                self.pipe = None
 
     def close(self) -> None:
         """Session over: an empty pipe goes back to the pool, a dirty one is closed."""
@@ -233,7 +248,7 @@ def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
-def connect_next(backend, client_ip: str, tried: list) -> tuple:
+def connect_next(worker, backend, client_ip: str, tried: list) -> tuple:
     """Start a non-blocking connect to the next server of BACKEND.
 
     Returns (server, socket), or (None, (term, error)) once no server is left
@@ -248,13 +263,18 @@ def connect_next(backend, client_ip: str, tried: list) -> tuple:
         try:
             sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:
+            worker.out_of_resources("fds", "connect", e.errno)
             return None, ("RC", errno_name(e.errno))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = sock.connect_ex(server.sockaddr)
         if result in (0, errno.EINPROGRESS):
             server.active += 1
+            if worker.starved:
+                worker.resources_back("ports")
             return server, sock
         sock.close()
+        if result in RESOURCE_ERRORS:
+            worker.out_of_resources("ports" if result == errno.EADDRNOTAVAIL else "fds", "connect", result)
         if len(tried) > backend.config.retries:
             return None, ("RC" if result in RESOURCE_ERRORS else "SC", errno_name(result))
 
@@ -330,7 +350,7 @@ class TcpSession:
 
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:
-        server, sock = connect_next(self.backend, self.peer[0], self.tried)
+        server, sock = connect_next(self.worker, self.backend, self.peer[0], self.tried)
         if server is None:
             return self._end(*sock)
         self.server_ref = server

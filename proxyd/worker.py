@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import signal
 import socket
 import termios
@@ -21,11 +22,13 @@ from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
 from proxyd.loop import IN, Loop
 from proxyd.http.session import HttpSession
-from proxyd.tcp import CopyPump, Pump, TcpSession, ioctl_int
+from proxyd.tcp import INF, CopyPump, Pump, TcpSession, ioctl_int
 
 ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
 PIPE_POOL_KEEP = 256       # idle pipes kept for reuse (2 fds each)
 BUFFER_SIZE = 64 * 1024    # copying fallback only
+FD_HEADROOM = 2           # fds kept free for the sessions already accepted (their server sockets)
+FD_HYSTERESIS = 8         # an episode at the fd limit ends once accepted fds are this much lower
 PAUSE_ON_EMFILE = 0.5      # seconds to stop accepting when out of fds
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20        # fewer, larger splices: about 35% less CPU per GiB than 64 KiB pipes
@@ -175,8 +178,8 @@ class Worker:
         self.stopping = False
         self.stop_deadline = 0.0
         self.paused_until = 0.0
-        self.starved_since = 0.0   # out of fds (or memory) since then: one log line per episode
-        self.starved_pauses = 0
+        self.fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1 - FD_HEADROOM
+        self.starved: dict[str, list] = {}  # "fds" | "ports" -> [since, failures]: one episode each
         self.backends = {name: Backend(b, number) for name, b in config.backends.items()}
         self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
@@ -288,31 +291,49 @@ class Worker:
                 return True
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._out_of_resources(e)
+                    self.out_of_resources("fds", "accept", e.errno)
                     return True
                 continue  # ECONNABORTED and the like: that one client is gone
-            if self.starved_since:
-                self._resources_back()
             sock.setblocking(False)
+            # The kernel hands out the lowest free fd: one this high says the
+            # limit is near.  This session may still have its server socket;
+            # the next clients wait in the backlog rather than be refused.
+            if sock.fileno() >= self.fd_ceiling:
+                self.out_of_resources("fds", "accept", errno.EMFILE, until_a_session_ends=True)
+            elif self.starved and sock.fileno() < self.fd_ceiling - FD_HYSTERESIS:
+                self.resources_back("fds")
             frontend.session(self, frontend, sock, peer)
+            if self.paused_until:
+                return True
         return False
 
-    def _out_of_resources(self, e: OSError) -> None:
-        """Stop accepting for a moment (clients wait in the backlog); no busy loop, one line."""
-        if not self.starved_since:
-            self.starved_since = self.loop.now
-            self.log.error(f"accept: {e.strerror} ({self.active} sessions open); "
-                           f"accepting paused, retried every {PAUSE_ON_EMFILE}s")
-        self.starved_pauses += 1
-        for listener in self.listeners:
-            listener.pause()
-        self.paused_until = self.loop.now + PAUSE_ON_EMFILE
+    def out_of_resources(self, kind: str, where: str, err: int, until_a_session_ends: bool = False) -> None:
+        """Out of fds (or kernel memory), or of source ports: one log line when
+        the episode starts, one when it ends (resources_back), never a busy
+        loop.  Out of fds, accepting pauses (clients wait in the backlog): for
+        PAUSE_ON_EMFILE (the fds may be the system's, freed by others), or
+        until one of our sessions ends and frees its own."""
+        episode = self.starved.get(kind)
+        if episode is None:
+            self.starved[kind] = [self.loop.now, 1]
+            then = ("sessions that cannot connect are closed (tcp RC, http 503)" if kind == "ports" else
+                    "accepting paused until a session ends" if until_a_session_ends else
+                    f"accepting paused, retried every {PAUSE_ON_EMFILE}s")
+            self.log.error(f"{where}: {os.strerror(err)} ({self.active} sessions open); {then}")
+        else:
+            episode[1] += 1
+        if kind == "fds":
+            for listener in self.listeners:
+                listener.pause()
+            self.paused_until = INF if until_a_session_ends else self.loop.now + PAUSE_ON_EMFILE
 
-    def _resources_back(self) -> None:
-        self.log.notice(f"accepting again after {self.loop.now - self.starved_since:.1f}s "
-                        f"({self.starved_pauses} pauses)")
-        self.starved_since = 0.0
-        self.starved_pauses = 0
+    def resources_back(self, kind: str) -> None:
+        """An fd well below the limit was accepted ("fds"), a server connection
+        could be made ("ports"): that episode is over."""
+        episode = self.starved.pop(kind, None)
+        if episode is not None:
+            what = "accepting" if kind == "fds" else "connecting"
+            self.log.notice(f"{what} again after {self.loop.now - episode[0]:.1f}s ({episode[1]} failures)")
 
     def _resume_accepting(self) -> None:
         if self.stopping or self.paused_until or self.active >= self.maxconn:
@@ -339,7 +360,10 @@ class Worker:
         self.active -= 1
         frontend = session.frontend
         frontend.active -= 1
-        if self.active == self.maxconn - 1 or frontend.active == frontend.config.maxconn - 1:
+        if self.paused_until == INF:
+            self.paused_until = 0.0  # paused at the fd limit: this session's fds are free now
+            self._resume_accepting()
+        elif self.active == self.maxconn - 1 or frontend.active == frontend.config.maxconn - 1:
             self._resume_accepting()
 
     def _session_crashed(self, owner, exc: BaseException) -> None:

@@ -356,7 +356,7 @@ class HttpSession:
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:
         x = self.x
-        server, sock = connect_next(x.backend, self.peer[0], self.tried)
+        server, sock = connect_next(self.worker, x.backend, self.peer[0], self.tried)
         if server is None:
             term, err = sock
             self.err = err

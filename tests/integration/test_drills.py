@@ -278,18 +278,12 @@ def other_lines(proxy, needle: str) -> list[str]:
     return [line for line in proxy.log_lines() if needle in line and parse_access_line(line) is None]
 
 
-FD_DEFECT = (
-    "proxyd defect: with an odd number of fds free once the worker's own are open, the fds run out "
-    "on the server socket, not on accept: every client accepted into the last fd is closed with "
-    "term=RC err=EMFILE (socket() fails), its fd is freed, the next one is accepted and closed the "
-    "same way, so the whole kernel backlog is drained with RC in a burst, none of it left waiting, "
-    "and no episode line is logged (no pause, no `accepting again`)")
 
 
 @pytest.mark.drill
 @pytest.mark.parametrize("starve", [
     "accept",
-    pytest.param("connect", marks=pytest.mark.xfail(strict=True, reason=FD_DEFECT)),
+    "connect",
 ])
 def test_drill_file_descriptors(starve, backend, proxyd):
     """Copying relay (splice = false: pipes, which hold fds, are the next
@@ -423,11 +417,6 @@ def test_drill_file_descriptors(starve, backend, proxyd):
            notices=" | ".join(n.split(": ", 1)[1] for n in notices))
 
 
-PIPE_DEFECT = (
-    "proxyd defect: a session accepted and connected with no fd left for a splice pipe is ended as "
-    "if its client had failed, `term=CD err=EMFILE` with up=0: the bytes the client sent never reach "
-    "the server (PipePool.get's os.pipe2 EMFILE is raised inside Pump._fill and taken for a client "
-    "error); the copying fallback (or waiting for a pooled pipe) would serve it")
 
 
 def gated_framed_echo(go: threading.Event):
@@ -467,7 +456,6 @@ def push(client: TaggedClient, view: memoryview) -> memoryview:
     return view
 
 
-@pytest.mark.xfail(strict=True, reason=PIPE_DEFECT)
 def test_drill_splice_pipe_out_of_fds(backend, proxyd):
     """Splice, ulimit_n leaving room for K = 3 sessions that each hold a
     pipe (their server reads nothing yet, so the bytes wait in the pipe:
@@ -688,14 +676,8 @@ def wait_http_lines(proxy, count: int, timeout: float = 15.0):
     return lines
 
 
-PORTS_EPISODE_DEFECT = (
-    "proxyd defect: running out of source ports is not an episode in the log: each failed connect "
-    "has its access line (term=RC err=EADDRNOTAVAIL) but no error line says the worker has run out "
-    "of source ports towards the server (as `accept: Too many open files ...` does for fds), nor "
-    "when connects work again")
 
 
-@pytest.mark.xfail(strict=True, reason=PORTS_EPISODE_DEFECT)
 def test_drill_source_ports_episode_line(netns, ns_proxyd, backend):
     """8 ephemeral ports, 12 TCP sessions held at once, then all reset and
     8 more: the episode of the 4 that found no source port is one error
