@@ -286,8 +286,8 @@ def other_lines(proxy, needle: str) -> list[str]:
     "connect",
 ])
 def test_drill_file_descriptors(starve, backend, proxyd):
-    """Copying relay (splice = false: pipes, which hold fds, are the next
-    drill's), ulimit_n about 64 on one worker and, twice, half again as many clients than its
+    """Copying relay (splice = false: pipes, which hold fds, are
+    test_drill_splice_pipe_out_of_fds's), ulimit_n about 64 on one worker and, twice, half again as many clients than its
     fds hold.  STARVE picks the parity of the fds left free once the
     worker's own are open: even, the last fd goes to a server socket and
     the next accept fails (EMFILE on accept); odd, a client is accepted
@@ -324,7 +324,14 @@ def test_drill_file_descriptors(starve, backend, proxyd):
            idle_wakeups=idle_wakeups)
 
     rc_total, served_least, closed_addresses = 0, capacity, set()
+    def fd_lines():
+        return len(other_lines(proxy, "Too many open files")), len(other_lines(proxy, "accepting again"))
+
     for episode in (1, 2):
+        # Every episode logged so far has ended (fds may come back in steps:
+        # see test_drill_fd_episode_trickle for how many lines that makes).
+        wait_for(lambda: fd_lines()[0] == fd_lines()[1], 5, f"the log quiet before episode {episode}")
+        errors_before, notices_before = fd_lines()
         clients = [TaggedClient(port, b"episode %d client %03d " % (episode, i) + payload(200, seed=i))
                    for i in range(capacity + extra)]
         try:
@@ -332,8 +339,7 @@ def test_drill_file_descriptors(starve, backend, proxyd):
             assert counts["served"] > 0, f"episode {episode}: no client served: {counts}"
             assert counts["waiting"] > 0, \
                 f"episode {episode}: no client left waiting in the backlog: {counts}; log:\n{proxy.log_tail(8)}"
-            wait_for(lambda: len(other_lines(proxy, "Too many open files")) >= episode, 5,
-                     f"the out-of-fds line of episode {episode}")
+            wait_for(lambda: fd_lines()[0] == errors_before + 1, 5, f"the out-of-fds line of episode {episode}")
 
             # Starved: every served client sends 1 MiB more, all at once,
             # reading nothing until all is sent as far as the kernel takes
@@ -351,7 +357,7 @@ def test_drill_file_descriptors(starve, backend, proxyd):
             fds_starved = worker.num_fds()
             wakeups = ctx_switches(worker)
             def still_starved():
-                assert len(other_lines(proxy, "again after")) < episode, \
+                assert fd_lines() == (errors_before + 1, notices_before), \
                     f"accepting resumed while nothing was released; log:\n{proxy.log_tail(12)}"
                 return True
 
@@ -373,7 +379,7 @@ def test_drill_file_descriptors(starve, backend, proxyd):
             for c in served:
                 rst_close(c.sock)
                 c.end = "left"
-            wait_for(lambda: len(other_lines(proxy, "again after")) >= episode, 15,
+            wait_for(lambda: fd_lines()[1] > notices_before, 15,
                      f"the notice that accepting works again (episode {episode})")
 
             def none_waiting():
@@ -394,10 +400,12 @@ def test_drill_file_descriptors(starve, backend, proxyd):
                  f"the worker's sockets back at {sockets_idle} after episode {episode} "
                  f"(now {worker_sockets(worker)})")
 
-    # One line when each episode starts, one when it ends.
+    # One line when each episode starts, one when it ends (and no more
+    # while starved: checked above); every episode that started ended.
+    wait_for(lambda: fd_lines()[0] == fd_lines()[1], 5, "every episode ended")
     errors = other_lines(proxy, "Too many open files")
-    notices = other_lines(proxy, "again after")
-    assert len(errors) == 2 and len(notices) == 2, (errors, notices)
+    notices = other_lines(proxy, "accepting again")
+    assert len(errors) >= 2, (errors, notices)
     rc = [a for a in proxy.access_lines() if a.term == "RC"]
     assert len(rc) == rc_total, \
         f"{rc_total} clients closed by the proxy, {len(rc)} RC lines; theirs: " \
@@ -417,6 +425,60 @@ def test_drill_file_descriptors(starve, backend, proxyd):
            notices=" | ".join(n.split(": ", 1)[1] for n in notices))
 
 
+
+
+TRICKLE_DEFECT = (
+    "proxyd defect: fds that come back one session at a time split one starvation into many "
+    "episodes, two log lines per session that ends: the session ending first holds the lowest fds, "
+    "so the next client accepted gets a low fd (under fd_ceiling - FD_HYSTERESIS) and "
+    "resources_back logs `accepting again after ...`, though only that session's fds are free and "
+    "clients still wait; the next accept is at the limit again and a new episode logs `accept: Too "
+    "many open files (28 sessions open); accepting paused until a session ends`: 6 departures, 7 "
+    "error lines and 6 notices.  The accepted fd's number does not say how many fds are free.  Also "
+    "seen: each waiting client got in about 1 s after fds were freed (`(2 failures)`: a real EMFILE's "
+    "0.5 s pause is lifted only by the 1 s heartbeat, not by the session that ends)")
+
+
+@pytest.mark.xfail(strict=True, reason=TRICKLE_DEFECT)
+def test_drill_fd_episode_trickle(backend, proxyd):
+    """One worker at its fd limit with clients waiting in the backlog; the
+    served clients leave one at a time, the first accepted (lowest fds)
+    first, each leaving when the client before it has been replaced by
+    one from the backlog.  Nothing is lost: each departure lets one
+    waiting client in.  And it is one episode all along, since clients
+    wait throughout: one error line when it started, no notice until the
+    backlog is empty, then one."""
+    echo = backend(echo_handler)
+    port = free_port()
+    proxy = proxyd(tcp_config(port, [echo], workers=1, global_={"ulimit_n": 64, "splice": False}))
+    clients = [TaggedClient(port, b"trickle %03d " % i + payload(200, seed=i)) for i in range(45)]
+    steps = 6
+    try:
+        counts = poll_all(clients)
+        assert counts["waiting"] > steps, counts
+        served = [c for c in clients if c.state == "served"]   # in accept order: lowest fds first
+        for i in range(steps):
+            target = len([c for c in clients if c.state == "served" and c.end != "left"])
+            rst_close(served[i].sock)
+            served[i].end = "left"
+
+            def replaced():
+                for c in clients:
+                    if c.state == "waiting":
+                        c.poll()
+                return len([c for c in clients if c.state == "served" and c.end != "left"]) >= target
+
+            wait_for(replaced, 10, f"a waiting client let in after departure {i + 1}")
+        errors = other_lines(proxy, "Too many open files")
+        notices = other_lines(proxy, "accepting again")
+        report("fd trickle", departures=steps, error_lines=len(errors), notice_lines=len(notices),
+               still_waiting=sum(c.state == "waiting" for c in clients))
+        assert (len(errors), len(notices)) == (1, 0), \
+            f"{steps} sessions ended one at a time while clients waited: {len(errors)} error lines, " \
+            f"{len(notices)} notices for one episode:\n" + "\n".join(other_lines(proxy, "ccept"))
+    finally:
+        for c in clients:
+            rst_close(c.sock)
 
 
 def gated_framed_echo(go: threading.Event):
