@@ -287,7 +287,7 @@ def other_lines(proxy, needle: str) -> list[str]:
 ])
 def test_drill_file_descriptors(starve, backend, proxyd):
     """Copying relay (splice = false: pipes, which hold fds, are
-    test_drill_splice_pipe_out_of_fds's), ulimit_n about 64 on one worker and, twice, half again as many clients than its
+    test_drill_splice_pipe_out_of_fds's), ulimit_n about 64 on one worker and, twice, half again as many clients as its
     fds hold.  STARVE picks the parity of the fds left free once the
     worker's own are open: even, the last fd goes to a server socket and
     the next accept fails (EMFILE on accept); odd, a client is accepted
