@@ -28,7 +28,7 @@ ACCEPT_BATCH = 64          # connections accepted per wake-up, per listener
 PIPE_POOL_KEEP = 256       # idle pipes kept for reuse (2 fds each)
 BUFFER_SIZE = 64 * 1024    # copying fallback only
 FD_HEADROOM = 2           # fds kept free for the sessions already accepted (their server sockets)
-FD_HYSTERESIS = 8         # an episode at the fd limit ends once accepted fds are this much lower
+FD_HYSTERESIS = 8         # an episode at the fd limit ends once this many fds more are free
 PAUSE_ON_EMFILE = 0.5      # seconds to stop accepting when out of fds
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20        # fewer, larger splices: about 35% less CPU per GiB than 64 KiB pipes
@@ -298,10 +298,8 @@ class Worker:
             # The kernel hands out the lowest free fd: one this high says the
             # limit is near.  This session may still have its server socket;
             # the next clients wait in the backlog rather than be refused.
-            if sock.fileno() >= self.fd_ceiling:
-                self.out_of_resources("fds", "accept", errno.EMFILE, until_a_session_ends=True)
-            elif self.starved and sock.fileno() < self.fd_ceiling - FD_HYSTERESIS:
-                self.resources_back("fds")
+            if sock.fileno() >= self.fd_ceiling or "fds" in self.starved:
+                self._check_fd_limit()
             frontend.session(self, frontend, sock, peer)
             if self.paused_until:
                 return True
@@ -326,6 +324,22 @@ class Worker:
             for listener in self.listeners:
                 listener.pause()
             self.paused_until = INF if until_a_session_ends else self.loop.now + PAUSE_ON_EMFILE
+
+    def _check_fd_limit(self) -> None:
+        """After an accept near the fd limit, or during an episode at it.
+
+        Outside an episode the new fd's number is enough (the kernel hands out
+        the lowest free one); during one, only a count of the open fds says
+        whether a few sessions' worth came back or just the one that ended.
+        """
+        try:
+            in_use = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+        except OSError:  # not even one fd left to list them with
+            in_use = self.fd_ceiling
+        if in_use >= self.fd_ceiling:
+            self.out_of_resources("fds", "accept", errno.EMFILE, until_a_session_ends=True)
+        elif in_use < self.fd_ceiling - FD_HYSTERESIS:
+            self.resources_back("fds")
 
     def resources_back(self, kind: str) -> None:
         """An fd well below the limit was accepted ("fds"), a server connection
@@ -360,7 +374,7 @@ class Worker:
         self.active -= 1
         frontend = session.frontend
         frontend.active -= 1
-        if self.paused_until == INF:
+        if self.paused_until and "fds" in self.starved:
             self.paused_until = 0.0  # paused at the fd limit: this session's fds are free now
             self._resume_accepting()
         elif self.active == self.maxconn - 1 or frontend.active == frontend.config.maxconn - 1:

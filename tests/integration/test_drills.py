@@ -427,19 +427,8 @@ def test_drill_file_descriptors(starve, backend, proxyd):
 
 
 
-TRICKLE_DEFECT = (
-    "proxyd defect: fds that come back one session at a time split one starvation into many "
-    "episodes, two log lines per session that ends: the session ending first holds the lowest fds, "
-    "so the next client accepted gets a low fd (under fd_ceiling - FD_HYSTERESIS) and "
-    "resources_back logs `accepting again after ...`, though only that session's fds are free and "
-    "clients still wait; the next accept is at the limit again and a new episode logs `accept: Too "
-    "many open files (28 sessions open); accepting paused until a session ends`: 6 departures, 7 "
-    "error lines and 6 notices.  The accepted fd's number does not say how many fds are free.  Also "
-    "seen: each waiting client got in about 1 s after fds were freed (`(2 failures)`: a real EMFILE's "
-    "0.5 s pause is lifted only by the 1 s heartbeat, not by the session that ends)")
 
 
-@pytest.mark.xfail(strict=True, reason=TRICKLE_DEFECT)
 def test_drill_fd_episode_trickle(backend, proxyd):
     """One worker at its fd limit with clients waiting in the backlog; the
     served clients leave one at a time, the first accepted (lowest fds)
@@ -1022,7 +1011,10 @@ def test_drill_slowloris(http_backend, http_proxy):
     sent = [c["sent"] for c in conns]
     assert min(sent) >= 2, f"a slow connection sent {min(sent)} bytes: the drip did not run"
     lasted = [c["closed"] - c["connected"] for c in conns]
-    assert min(lasted) >= HTTP_REQUEST_TIMEOUT - 0.2, f"a slow connection cut after {min(lasted):.2f} s"
+    # The worker's clock is read once per loop turn: 2,000 accepts in one
+    # burst may start their timers a few hundred ms before the last of them
+    # is really accepted, so the lower bound leaves half a second.
+    assert min(lasted) >= HTTP_REQUEST_TIMEOUT - 0.5, f"a slow connection cut after {min(lasted):.2f} s"
     assert max(lasted) < 3 * HTTP_REQUEST_TIMEOUT, f"a slow connection answered after {max(lasted):.2f} s"
 
     # Every ordinary request served, during the attack.
