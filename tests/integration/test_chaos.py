@@ -1,0 +1,247 @@
+"""The seeded chaos workload (tests/chaos.py) in short fixed-seed runs, and
+the defects it found, kept as regression tests.
+
+Each case starts real proxyd processes and drives a few hundred tagged
+sessions through them (TCP and HTTP, 1 and 2 workers, splice and copy, one
+case with SIGHUP reloads and TTIN/TTOU), then checks every invariant the
+module documents: prefixes of the peer's stream and nothing foreign on both
+sides, whole delivery where both peers were there for it, every session
+ended, no TIME_WAIT towards the servers, workers alive and their fds back to
+a fresh worker's, no Traceback in the log.  A failure prints the seed and the
+`scripts/chaos` command that replays it (and one for the failing sessions
+alone).  Longer runs: `scripts/chaos --duration 1800 ...`.
+
+Defects found by the workload are reproduced below in their smallest form,
+marked xfail(strict=True) until proxyd is fixed; the seed that found each is
+replayed too.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+
+import pytest
+
+from tests import chaos
+from tests.http_support import (
+    HTTPClient,
+    build_request,
+    http_config,
+    wait_http_access_lines,
+)
+from tests.support import IO_TIMEOUT, free_port, wait_for
+
+KiB = 1 << 10
+
+# Short timeouts keep the stalled sessions short; still far above the pauses
+# the plans make (SLOW_BUDGET spread over many steps, 30 ms at most each).
+QUICK = chaos.Timeouts(client=2.0, server=2.0, fin=1.5, connect=2.0)
+
+
+def quick(seed: int, **kw) -> chaos.Options:
+    base = {"seed": seed, "duration": 4.0, "concurrency": 12, "profile": "quick", "timeouts": QUICK,
+            "progress": 0, "max_sessions": 400}
+    base.update(kw)
+    return chaos.Options(**base)
+
+
+CASES = [
+    pytest.param(quick(101, mode="tcp", workers=1, splice="on"), id="tcp-1w-splice"),
+    pytest.param(quick(102, mode="tcp", workers=2, splice="off"), id="tcp-2w-copy"),
+    pytest.param(quick(103, mode="http", workers=1, splice="off"), id="http-1w-copy"),
+    pytest.param(quick(104, mode="http", workers=2, splice="on"), id="http-2w-splice"),
+    pytest.param(quick(105, mode="both", workers=2, splice="both", reloads=True, resize=True, duration=6.0),
+                 id="both-2w-splice+copy-reloads-resize"),
+]
+
+
+def test_plans_are_a_function_of_seed_and_index():
+    """What a session does (on both sides) comes from (seed, index) alone: a
+    replay makes the same sessions, and a server finds a session's plan from
+    the id in its bytes.  Every ending and every server behaviour occurs."""
+    targets = [(0, "tcp", 1), (0, "http", 2)]
+    a, b, c = (chaos.Planner(quick(seed), targets) for seed in (7, 7, 8))
+    plans = [a.plan(i) for i in range(2000)]
+    assert [p.describe() for p in plans] == [b.plan(i).describe() for i in range(2000)]
+    assert [p.describe() for p in plans[:50]] != [c.plan(i).describe() for i in range(50)]
+    for p in plans[:300]:
+        sids = [p.sid] if p.mode == "tcp" else [r.sid for r in p.reqs]
+        assert all(b.by_sid(sid) == (p, k) for k, sid in enumerate(sids))
+    tcp = [p for p in plans if p.mode == "tcp"]
+    http = [p for p in plans if p.mode == "http"]
+    assert {p.client for p in tcp} == set(chaos.TCP_CLIENT) and {p.server for p in tcp} == set(chaos.TCP_SERVER)
+    assert {p.end for p in http} == set(chaos.HTTP_END)
+    assert {r.act.kind for p in http for r in p.reqs} == set(chaos.HTTP_SERVER)
+    assert {r.framing for p in http for r in p.reqs} == {"none", "length", "chunked"}
+    assert {True, False} == {p.pipeline for p in http}
+    steps = chaos.Pace("slow", 1).steps()
+    assert sum(next(steps)[1] for _ in range(10_000)) <= chaos.SLOW_BUDGET + 0.03  # pauses are bounded
+
+
+# Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
+# races: counted and printed, not failed on here, each pinned by its own
+# strict xfail tests below.  Take an entry out once its defect is fixed.
+TOLERATED = {"linger"}
+
+
+@pytest.mark.parametrize("options", CASES)
+def test_chaos_fixed_seed(options, tmp_path):
+    lines: list[str] = []
+    result = chaos.run(options, tmp_path, say=lines.append)
+    report = result.summary()
+    print(report)
+    assert result.stats["sessions"] >= 40, f"too few sessions to mean anything:\n{report}"
+    assert result.stats["claims"] >= 40, f"too few whole-delivery claims checked:\n{report}"
+    unexpected = [v for v in result.violations if v.kind not in TOLERATED]
+    assert not unexpected, f"seed {options.seed}: {len(unexpected)} violations " \
+                           f"(replay: {options.replay_command()}):\n{report}"
+
+
+# ---------------------------------------------------------------- regressions
+#
+# Defect (found by seed 3, session 1071; seed 6 session 271; seed 105 session
+# 163): proxyd closes an HTTP keep-alive client connection at once, without a
+# lingering close, when it ends it after an answer it has fully handed to the
+# kernel and sees no more client bytes yet: after a close-delimited answer,
+# after an answer it marked `Connection: close` because its worker is
+# draining (reload, TTOU), and after an answer its server cut mid-body.  A
+# request the client pipelined meanwhile then arrives on a closed socket; the
+# kernel answers it with a reset, which throws away the part of the answer
+# still in flight (RFC 9112, 9.6: "servers typically close a connection in
+# stages").  The client gets a truncated answer and ECONNRESET.
+
+LINGER_REASON = ("proxyd closes a keep-alive client connection without a lingering close (after a "
+                 "close-delimited answer, a draining worker's Connection: close, an answer cut by its server) "
+                 "when no client byte is pending at that instant; a request pipelined after that close makes "
+                 "the kernel reset the answers still in flight away (RFC 9112 9.6)")
+ANSWER = 512 * KiB
+
+
+def read_answer(client: HTTPClient, what: str):
+    try:
+        resp = client.read_response()
+        rest, how = client.rest_and_close(IO_TIMEOUT)
+    except ConnectionResetError:
+        raise AssertionError(f"{what}: reset after {client.received} bytes "
+                             f"({len(client.buf)} of them in an unfinished answer)") from None
+    return resp, rest, how
+
+
+@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_request_pipelined_after_a_close_delimited_answer_does_not_reset_it(splice, backend, proxyd):
+    body = b"c" * ANSWER
+
+    def close_delimited(conn, rec, backend):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(65536)
+            if not data:
+                return
+            head += data
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)  # then we close: the end
+
+    app = backend(close_delimited)
+    port = free_port()
+    proxy = proxyd(http_config(port, {"app": [app]}, workers=1, global_={"splice": splice}))
+    with HTTPClient(port, timeout=IO_TIMEOUT) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)  # a slow reader's window
+        client.send(build_request("GET", "/first"))
+        # proxyd has relayed the whole answer and closed our connection when it logs it.
+        wait_http_access_lines(proxy, 1, timeout=IO_TIMEOUT)
+        client.send(build_request("GET", "/second"))   # pipelined: we have read nothing yet
+        resp, rest, how = read_answer(client, "the close-delimited answer")
+    assert resp.status == 200 and len(resp.body) == ANSWER, f"{len(resp.body)} of {ANSWER} bytes"
+    assert (rest, how) == (b"", "eof")
+
+
+@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_request_pipelined_after_a_draining_workers_answer_does_not_reset_it(splice, backend, proxyd):
+    release = threading.Event()
+    body = b"d" * ANSWER
+
+    def held(conn, rec, backend):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(65536)
+            if not data:
+                return
+            head += data
+        release.wait(IO_TIMEOUT)   # until the worker that relays us drains
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % ANSWER + body)
+        while conn.recv(65536):    # until proxyd resets us
+            pass
+
+    app = backend(held)
+    port = free_port()
+    proxy = proxyd(http_config(port, {"app": [app]}, workers=1, global_={"splice": splice, "grace": "30s"}))
+    try:
+        with HTTPClient(port, timeout=IO_TIMEOUT) as client:
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+            client.send(build_request("GET", "/first"))
+            app.wait_connections(1, timeout=IO_TIMEOUT)
+            proxy.signal(signal.SIGHUP)
+            wait_for(lambda: "draining 1 sessions" in proxy.log_text(), IO_TIMEOUT, "the old worker draining")
+            release.set()
+            wait_http_access_lines(proxy, 1, timeout=IO_TIMEOUT)
+            client.send(build_request("GET", "/second"))
+            resp, rest, how = read_answer(client, "the draining worker's answer")
+    finally:
+        release.set()
+    assert resp.status == 200 and len(resp.body) == ANSWER, f"{len(resp.body)} of {ANSWER} bytes"
+    assert "close" in resp.header_tokens("connection"), resp.head
+    assert (rest, how) == (b"", "eof")
+
+
+@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_request_pipelined_after_a_truncated_answer_does_not_reset_the_answers_before(splice, backend, proxyd):
+    """Two pipelined requests: the first gets a whole answer, the second an
+    answer its server resets mid-body.  proxyd cuts the connection after what
+    it relayed of that one; the answers before it must still arrive whole
+    (then EOF), whatever the client pipelines meanwhile."""
+    body = b"w" * ANSWER
+
+    def whole_then_cut(conn, rec, backend):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = conn.recv(65536)
+            if not data:
+                return
+            head += data
+        if b"/whole" in head:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % ANSWER + body)
+            while conn.recv(65536):    # until proxyd resets us
+                pass
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset mid-body
+
+    app = backend(whole_then_cut)
+    port = free_port()
+    proxy = proxyd(http_config(port, {"app": [app]}, workers=1, global_={"splice": splice}))
+    with HTTPClient(port, timeout=IO_TIMEOUT) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+        client.send(build_request("GET", "/whole") + build_request("GET", "/cut"))
+        wait_http_access_lines(proxy, 2, timeout=IO_TIMEOUT)  # both relayed, the connection closed
+        client.send(build_request("GET", "/third"))
+        try:
+            first = client.read_response()
+        except ConnectionResetError:
+            raise AssertionError(f"reset after {client.received} bytes, in the first (whole) answer") from None
+    assert first.status == 200 and len(first.body) == ANSWER, f"{len(first.body)} of {ANSWER} bytes"
+
+
+@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
+def test_chaos_seed_3_session_1071(tmp_path):
+    """The session that found it, replayed alone (a few times: it is a race
+    between our pipelined request and proxyd's close, lost on nearly every try)."""
+    options = chaos.Options(seed=3, duration=60, mode="both", workers=2, splice="both", concurrency=32,
+                            profile="full", sessions=(1071,), progress=0)
+    for attempt in range(3):
+        result = chaos.run(options, tmp_path / f"attempt{attempt}", say=lambda line: None)
+        assert not result.violations, result.summary()
