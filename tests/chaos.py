@@ -135,6 +135,7 @@ class Options:
     timeouts: Timeouts = Timeouts()
     sessions: tuple = ()            # replay only these session indices
     progress: float = 10.0          # seconds between progress lines, 0 = none
+    half_close: bool = False        # also a TCP frontend with half_close = true (and its own servers)
 
     def replay_command(self, sessions=()) -> str:
         args = ["scripts/chaos", "--seed", str(self.seed), "--duration", f"{self.duration:g}",
@@ -149,6 +150,8 @@ class Options:
             args.append("--reloads")
         if self.resize:
             args.append("--resize")
+        if self.half_close:
+            args.append("--half-close")
         if sessions:
             args += ["--sessions", ",".join(map(str, sorted(sessions)))]
         return " ".join(shlex.quote(a) for a in args)
@@ -168,7 +171,9 @@ TCP_SERVER = {"reply": 34, "early": 14, "slow": 12, "hold": 8, "reset_up": 10, "
 # Clients that wait for the whole answer; servers that deliver one.
 TCP_WAITERS = {"half_close", "read_close", "wait_eof", "slow_reader"}
 TCP_ANSWERERS = {"reply", "early", "slow", "hold"}
-TCP_READS_FIRST = {"reply", "slow", "stall", "hold", "reset_down"}   # the whole request before a byte of answer
+TCP_READS_FIRST = {"reply", "slow", "stall", "hold", "reset_down", "eof_reply"}  # the whole request first
+# half_close = true frontends only: a server that answers at the client's EOF (it needs the FIN passed on).
+TCP_SERVER_HALF_CLOSE = {**TCP_SERVER, "eof_reply": 16}
 
 HTTP_END = {"clean": 36, "half_close": 14, "idle": 5, "slow_reader": 10, "reset_up": 8, "reset_down": 9,
             "stall_up": 8, "stall_down": 7}
@@ -236,13 +241,21 @@ class TcpPlan:
     server: str
     server_at: int
     server_pace: Pace
+    half_close: bool = False    # through a half_close = true frontend
 
     mode = "tcp"
 
     @property
     def owed_down(self) -> bool:
         """The client must get the whole answer (then EOF unless it closed first)."""
+        if self.server == "eof_reply":
+            return self.client == "half_close"     # the only waiter that sends a FIN
         return self.client in TCP_WAITERS and self.server in TCP_ANSWERERS
+
+    @property
+    def owed_eof(self) -> bool:
+        """half_close = true: the server must see the client's FIN after the whole request."""
+        return self.half_close and self.server == "eof_reply" and self.client in ("half_close", "close_early")
 
     @property
     def owed_up(self) -> bool:
@@ -258,7 +271,8 @@ class TcpPlan:
         return self.up + self.down
 
     def describe(self) -> str:
-        return (f"#{self.index} sid {self.sid:08x} tcp target {self.target}: up {self.up} down {self.down}; "
+        return (f"#{self.index} sid {self.sid:08x} tcp{' half_close' if self.half_close else ''} target "
+                f"{self.target}: up {self.up} down {self.down}; "
                 f"client {self.client}@{self.client_at} pace {self.client_pace.kind} read {self.read_pace.kind}"
                 f"{f' rcvbuf {self.rcvbuf}' if self.rcvbuf else ''}; server {self.server}@{self.server_at} "
                 f"pace {self.server_pace.kind}")
@@ -380,7 +394,7 @@ class Planner:
 
     def __init__(self, options: Options, targets: list):
         self.options = options
-        self.targets = targets          # [(proxy index, mode, port)]
+        self.targets = targets          # [(proxy index, mode, port)]; mode tcp, http or tcp_hc
         self.cache: dict = {}
 
     def plan(self, index: int):
@@ -391,7 +405,8 @@ class Planner:
             rng = random.Random(f"{self.options.seed}:{index}")
             target = rng.randrange(len(self.targets))
             mode = self.targets[target][1]
-            plan = self._tcp(rng, index, target) if mode == "tcp" else self._http(rng, index, target)
+            plan = self._http(rng, index, target) if mode == "http" else self._tcp(rng, index, target,
+                                                                                   mode == "tcp_hc")
             self.cache[index] = plan
         return plan
 
@@ -405,10 +420,10 @@ class Planner:
             return (plan, 0) if k == 0 else (None, 0)
         return (plan, k) if k < len(plan.reqs) else (None, 0)
 
-    def _tcp(self, rng, index, target) -> TcpPlan:
+    def _tcp(self, rng, index, target, half_close: bool = False) -> TcpPlan:
         profile = self.options.profile
         client = weighted(rng, TCP_CLIENT)
-        server = weighted(rng, TCP_SERVER)
+        server = weighted(rng, TCP_SERVER_HALF_CLOSE if half_close else TCP_SERVER)
         up = 0 if client == "silent" else pick_size(rng, profile, RECORD)
         down = pick_size(rng, profile)
         if server == "reset_down" or client == "reset_down":
@@ -421,7 +436,7 @@ class Planner:
             rng.choice([8 * KiB, 32 * KiB]) if rng.random() < 0.1 else 0)
         read_pace = Pace("slow", rng.getrandbits(32)) if client == "slow_reader" else pick_pace(rng, 5)
         return TcpPlan(index, (index + 1) << 4, target, up, down, client, client_at, pick_pace(rng), read_pace,
-                       rcvbuf, server, server_at, pick_pace(rng))
+                       rcvbuf, server, server_at, pick_pace(rng), half_close)
 
     def _http(self, rng, index, target) -> HttpPlan:
         profile = self.options.profile
@@ -666,6 +681,7 @@ class Violation:
     text: str
     plan: str = ""
     sid: int = -1       # the request (HTTP) or session whose bytes it is about, when one is
+    port: int = 0       # the client's port (to find a TCP session's access line)
 
     def __str__(self) -> str:
         return f"[{self.kind}] session {self.index}: {self.text}" + (f"\n      plan: {self.plan}" if self.plan else "")
@@ -673,7 +689,8 @@ class Violation:
     @property
     def signature(self) -> str:
         """The violation with its numbers and ids left out: one per kind of defect."""
-        text = re.sub(r"\b[0-9a-f]{8}\b", "SID", self.text.split(":", 1)[0] if self.kind == "engine" else self.text)
+        text = self.text.split(":", 1)[0] if self.kind == "engine" else self.text
+        text = re.sub(r"\b(?=[0-9a-f]*[a-f])[0-9a-f]{8}\b", "SID", text)   # session ids (with a letter in them)
         text = re.sub(r"\d+", "N", text)
         return f"{self.kind}: {text[:110]}"
 
@@ -778,6 +795,7 @@ class Engine:
         self.server_open = 0
         self.peak_pool = 0                     # peak of sessions + server connections in flight
         self._started: dict = {}               # index -> start time, of the sessions running
+        self._ports: dict = {}                 # index -> client port, of the sessions running
         self.stopping = False
 
     # ------------------------------------------------------------ bookkeeping
@@ -787,7 +805,8 @@ class Engine:
                 plan = self.planner.plan(index)
             except Exception:  # noqa: BLE001 -- a plan that cannot be made: the violation still counts
                 plan = None
-        self.violations.append(Violation(kind, index, text, plan.describe() if plan is not None else "", sid))
+        self.violations.append(Violation(kind, index, text, plan.describe() if plan is not None else "", sid,
+                                         self._ports.get(index, 0)))
         if len(self.violations) <= 5:
             self.say(f"  VIOLATION {self.violations[-1]}")
 
@@ -925,6 +944,15 @@ class Engine:
                     await cancel(tx)
             elif kind == "reset_up":
                 await read_up(plan.server_at)
+            elif kind == "eof_reply":
+                await read_up(plan.up)
+                await self._drain_until_closed(wire, check)   # until the client's FIN, passed on
+                if plan.owed_eof:
+                    self.claim(wire.end == "eof" and check.offset == plan.up, started, "whole", index,
+                               f"tcp server (half_close = true) got {check.offset} of {plan.up} B, then "
+                               f"{wire.ending}: the client's FIN should have followed them")
+                if wire.end == "eof":
+                    await answer(-1)
             else:
                 await read_up(plan.up)
                 if check.offset >= plan.up:
@@ -1176,7 +1204,7 @@ class Engine:
             self.violation("prefix", index, f"tcp client got {check.offset} B, more than the {plan.down} sent")
         if plan.owed_down:
             self.claim(check.offset == plan.down, started, "whole", index,
-                       f"tcp client got {check.offset} of {plan.down} B, then {wire.ending}")
+                       f"tcp client got {check.offset} of {plan.down} B, then {wire.ending}", sid=plan.sid)
             if client in ("half_close", "wait_eof", "slow_reader") and check.offset == plan.down:
                 self.claim(wire.end == "eof", started, "whole", index,
                            f"tcp client got the whole answer, then {wire.ending} instead of EOF")
@@ -1389,13 +1417,16 @@ class Engine:
     # ------------------------------------------------------------ sessions
     async def session(self, index: int) -> None:
         plan = self.planner.plan(index)
-        _, mode, port = self.targets[plan.target]
+        _, label, port = self.targets[plan.target]
+        mode = plan.mode
         started = time.monotonic()
         self._started[index] = started
         self.running += 1
         self._track_peak()
         self.stats["sessions"] += 1
         self.stats[mode] += 1
+        if label == "tcp_hc":
+            self.stats["tcp_half_close"] += 1
         sock = socket.socket()
         sock.setblocking(False)
         if plan.rcvbuf:
@@ -1411,6 +1442,7 @@ class Engine:
                 sock.close()
                 return
             wire = Wire(sock, plan.read_pace if mode == "http" else None)
+            self._ports[index] = sock.getsockname()[1]
             run = self.tcp_client if mode == "tcp" else self.http_client
             await asyncio.wait_for(run(plan, wire, started), self.bound(plan))
             clean = True
@@ -1425,6 +1457,7 @@ class Engine:
                 wire.close(reset=not clean)
             self.running -= 1
             self._started.pop(index, None)
+            self._ports.pop(index, None)
 
     async def lag_ticker(self) -> None:
         tick = 0.05
@@ -1568,7 +1601,7 @@ class LogWatch:
                         r"reloading .*: generation (?P<gen>\d+), (?P<reload>\d+) workers|"
                         r"generation (?P<serving>\d+) serving|"
                         r"TT(?:IN|OU): now (?P<resize>\d+) workers")
-    ACCESS = re.compile(r"^\S+ proxyd\[(\d+)\]: \S+ fe_(?:tcp|http) ")
+    ACCESS = re.compile(r"^\S+ proxyd\[(\d+)\]: \S+ fe_(?:tcp|http|tcp_hc) ")
 
     def __init__(self, path: Path):
         self.path = path
@@ -1610,7 +1643,8 @@ class LogWatch:
                     self.workers = int(e["resize"])
 
 
-def proxy_config(tcp_port, http_port, tcp_servers, http_servers, options: Options, splice: bool) -> dict:
+def proxy_config(tcp_port, http_port, tcp_servers, http_servers, options: Options, splice: bool,
+                 hc_port=0, hc_servers=()) -> dict:
     t = options.timeouts
     glob = {"splice": splice, "grace": "60s", "max_draining": MAX_DRAINING}
     defaults = {"timeout_client": t.client, "timeout_server": t.server, "timeout_fin": t.fin,
@@ -1627,6 +1661,11 @@ def proxy_config(tcp_port, http_port, tcp_servers, http_servers, options: Option
                          frontend_name="fe_http")
         config["frontends"].update(hc["frontends"])
         config["backends"].update(hc["backends"])
+    if hc_port:
+        tc = support.tcp_config(hc_port, hc_servers, workers=options.workers, global_=glob,
+                                frontend={"half_close": True}, frontend_name="fe_tcp_hc", backend_name="be_tcp_hc")
+        config["frontends"].update(tc["frontends"])
+        config["backends"].update(tc["backends"])
     return config
 
 
@@ -1701,7 +1740,7 @@ def nonpipe(fds: dict) -> int:
 class ProxySet:
     """The proxyd processes of a run, with their logs."""
 
-    def __init__(self, options: Options, workdir: Path, tcp_servers, http_servers, say=print):
+    def __init__(self, options: Options, workdir: Path, tcp_servers, http_servers, say=print, hc_servers=()):
         self.options = options
         self.workdir = Path(workdir)
         self.say = say
@@ -1712,24 +1751,26 @@ class ProxySet:
         self.ports = []
         self.ports_of = []       # per proxy: its frontend ports
         self.baseline = []       # per proxy: (non-pipe fds but listeners, pipe fds) of a fresh worker
-        self.tcp_servers, self.http_servers = tcp_servers, http_servers
+        self.tcp_servers, self.http_servers, self.hc_servers = tcp_servers, http_servers, hc_servers
 
     def start(self) -> None:
         modes = ["tcp", "http"] if self.options.mode == "both" else [self.options.mode]
         for i, splice in enumerate(self.splices):
             tcp_port = support.free_port() if "tcp" in modes else 0
             http_port = support.free_port() if "http" in modes else 0
-            config = proxy_config(tcp_port, http_port, self.tcp_servers, self.http_servers, self.options, splice)
+            hc_port = support.free_port() if "tcp" in modes and self.options.half_close else 0
+            config = proxy_config(tcp_port, http_port, self.tcp_servers, self.http_servers, self.options, splice,
+                                  hc_port, self.hc_servers)
             path = support.write_config(self.workdir, config, f"chaos{i}.toml")
             proxy = support.Proxyd(path, self.workdir / f"chaos{i}.log")
             self.proxies.append(proxy)
             proxy.start()
-            ports = [p for p in (tcp_port, http_port) if p]
+            ports = [p for p in (tcp_port, http_port, hc_port) if p]
             self.ports += ports
             self.ports_of.append(ports)
             proxy.wait_ready(ports, self.options.workers)
             self.watches.append(LogWatch(proxy.log_path))
-            for mode, port in (("tcp", tcp_port), ("http", http_port)):
+            for mode, port in (("tcp", tcp_port), ("http", http_port), ("tcp_hc", hc_port)):
                 if port:
                     self.targets.append((i, mode, port))
         for proxy in self.proxies:
@@ -1892,13 +1933,16 @@ class Chaos:
         self.say(f"chaos: seed {o.seed}, mode {o.mode}, {o.workers} workers, splice {o.splice}"
                  f"{', reloads' if o.reloads else ''}{', resize' if o.resize else ''}, {o.duration:g}s, "
                  f"concurrency {o.concurrency}, profile {o.profile}; replay: {o.replay_command()}")
-        listeners = {"tcp": [], "http": []}
+        listeners = {"tcp": [], "http": [], "tcp_hc": []}
         for socks in listeners.values():
             for _ in range(2):
                 socks.append(server_listener())
         addr = {m: [f"{LOCALHOST}:{s.getsockname()[1]}" for s in ls] for m, ls in listeners.items()}
-        server_ports = [s.getsockname()[1] for ls in listeners.values() for s in ls]
-        proxies = ProxySet(o, self.workdir, addr["tcp"], addr["http"], self.say)
+        # TIME_WAIT is watched towards the servers of default frontends only: with
+        # half_close = true, a client closing first leaves one (PRODUCT.md, "TCP mode").
+        server_ports = [s.getsockname()[1] for m, ls in listeners.items() for s in ls if m != "tcp_hc"]
+        hc_ports = [s.getsockname()[1] for s in listeners["tcp_hc"]]
+        proxies = ProxySet(o, self.workdir, addr["tcp"], addr["http"], self.say, addr["tcp_hc"])
         try:
             proxies.start()
             self.result.logs = [str(p.log_path) for p in proxies.proxies]
@@ -1906,7 +1950,7 @@ class Chaos:
             asyncio.run(self._main(engine, proxies, listeners, server_ports))
             self.result.stats.update(engine.stats)
             self.result.violations += engine.violations
-            left = proxies.settle(server_ports)
+            left = proxies.settle(server_ports + hc_ports)
             if left:
                 self.result.violations.append(Violation("liveness", -1, f"{len(left)} connections left after the run: "
                                                                         f"{left[:5]}"))
@@ -1914,6 +1958,10 @@ class Chaos:
                 tw = support.timewait_towards(port)
                 if tw:
                     self.result.violations.append(Violation("timewait", -1, f"{tw} TIME_WAIT towards :{port}"))
+            if o.half_close:
+                tw = sum(support.timewait_towards(port) for port in hc_ports)
+                self.result.notes.append(f"half_close = true frontend: {self.result.stats['tcp_half_close']} "
+                                         f"sessions, {tw} TIME_WAIT towards its servers (allowed there)")
             proxies.check_workers(self.result, engine.peak_pool)
             proxies.check_logs(self.result)
             classify_known(self.result, proxies, engine.planner)
@@ -1928,7 +1976,8 @@ class Chaos:
     async def _main(self, engine: Engine, proxies: ProxySet, listeners: dict, server_ports: list) -> None:
         loop = asyncio.get_running_loop()
         o = self.options
-        servers = [loop.create_task(engine.serve(s, mode)) for mode, ls in listeners.items() for s in ls]
+        servers = [loop.create_task(engine.serve(s, "http" if mode == "http" else "tcp"))
+                   for mode, ls in listeners.items() for s in ls]
         ticker = loop.create_task(engine.lag_ticker())
         start = time.monotonic()
         deadline = start + o.duration
@@ -2016,36 +2065,60 @@ KNOWN = {
     "linger": "an HTTP answer proxyd logged as relayed whole (200, term=--) reached the client cut by a reset: "
               "proxyd closed the keep-alive connection without a lingering close and a request pipelined "
               "after that close made the kernel reset the answers in flight (RFC 9112 9.6)",
+    "client_timeout": "a client that was reading got a truncated answer, the session ended by timeout_client "
+                      "(term cD, err=timeout): proxyd counts only its own writes as client activity, and a "
+                      "client draining the MiBs of the autotuned send buffer gives it no EPOLLOUT for that long",
 }
-HTTP_ACCESS = re.compile(r'"[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" (-?\d+) .* down=(\d+) term=(\S\S)')
+HTTP_ACCESS = re.compile(r'"[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" (-?\d+) .* down=(\d+) term=(\S\S)'
+                         r'(?: err=(\S+))?')
+TCP_ACCESS = re.compile(r"proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? \S+ Tc=\S+ Tt=\S+ up=(\d+) "
+                        r"down=(\d+) term=(\S\S)(?: err=(\S+))?")
 
 
 def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
-    """Tell the violations of a known proxyd defect from the rest (KNOWN):
-    they keep being reported, under their own kind."""
-    wanted = {v.sid: v for v in result.violations if v.kind == "whole" and v.sid >= 0
-              and ("reset" in v.text or "ECONNRESET" in v.text)}
+    """Tell the violations of a known proxyd defect from the rest (KNOWN),
+    from what proxyd's access lines say of the same session: they keep being
+    reported, under their own kind."""
+    wanted = {v.sid: v for v in result.violations if v.kind == "whole" and v.sid >= 0}
     if not wanted:
         return
-    logged = {}
+    http_logged, tcp_logged = {}, {}
+    tcp_ports = {v.port for v in wanted.values() if v.port}
     for proxy in proxies.proxies:
         try:
             with open(proxy.log_path, errors="replace") as f:
                 for line in f:
                     m = HTTP_ACCESS.search(line)
-                    if m and int(m[1], 16) in wanted:
-                        logged[int(m[1], 16)] = (int(m[2]), int(m[3]), m[4])
+                    if m:
+                        if int(m[1], 16) in wanted:
+                            http_logged[int(m[1], 16)] = (int(m[2]), int(m[3]), m[4], m[5] or "")
+                        continue
+                    m = TCP_ACCESS.search(line)
+                    if m and int(m[1]) in tcp_ports:
+                        tcp_logged.setdefault((int(m[1]), int(m[2])), []).append((int(m[3]), m[4], m[5] or ""))
         except FileNotFoundError:
             pass
     for sid, v in wanted.items():
         plan, k = planner.by_sid(sid)
-        entry = logged.get(sid)
-        if plan is None or plan.mode != "http" or entry is None:
+        if plan is None:
             continue
-        status, down, term = entry
-        if status == 200 and term == "--" and down >= plan.reqs[k].act.down:
-            v.kind = "linger"
-            v.text += f" [proxyd logged it whole: {status}, down={down}, term={term}]"
+        if plan.mode == "http":
+            entry = http_logged.get(sid)
+            if entry is None:
+                continue
+            status, down, term, err = entry
+            if status == 200 and term == "--" and down >= plan.reqs[k].act.down and (
+                    "reset" in v.text or "ECONNRESET" in v.text):
+                v.kind = "linger"
+                v.text += f" [proxyd logged it whole: {status}, down={down}, term={term}]"
+            elif term == "cD" and err == "timeout":
+                v.kind = "client_timeout"
+                v.text += f" [proxyd: term={term} err={err}, down={down}]"
+        else:
+            for down, term, err in tcp_logged.get((v.port, plan.up), []):
+                if term == "cD" and err == "timeout":
+                    v.kind = "client_timeout"
+                    v.text += f" [proxyd: term={term} err={err}, down={down}]"
     result.notes.append("known defects: " + (", ".join(
         f"{kind} ({n})" for kind, n in collections.Counter(v.kind for v in result.violations
                                                            if v.kind in KNOWN).items()) or "none seen"))
@@ -2073,6 +2146,8 @@ def parse_args(argv):
     p.add_argument("--timeouts", default="", help="client,server,fin,connect seconds (default 3,3,2,2)")
     p.add_argument("--sessions", default="", help="replay only these session indices (comma-separated)")
     p.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--half-close", action="store_true",
+                   help="also a TCP frontend with half_close = true (FINs passed on; its servers may see TIME_WAIT)")
     p.add_argument("--workdir", default="", help="where configs and logs go (default: a new temporary directory)")
     return p.parse_args(argv)
 
@@ -2086,7 +2161,7 @@ def main(argv=None) -> int:
                       reloads=args.reloads, resize=args.resize, concurrency=args.concurrency,
                       max_sessions=args.max_sessions, profile=args.profile, timeouts=timeouts,
                       sessions=tuple(int(s) for s in args.sessions.split(",") if s.strip()),
-                      progress=args.progress)
+                      progress=args.progress, half_close=args.half_close)
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"chaos-{seed}-")
     Path(workdir).mkdir(parents=True, exist_ok=True)
 

@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -53,8 +54,8 @@ CASES = [
     pytest.param(quick(102, mode="tcp", workers=2, splice="off"), id="tcp-2w-copy"),
     pytest.param(quick(103, mode="http", workers=1, splice="off"), id="http-1w-copy"),
     pytest.param(quick(104, mode="http", workers=2, splice="on"), id="http-2w-splice"),
-    pytest.param(quick(105, mode="both", workers=2, splice="both", reloads=True, resize=True, duration=6.0),
-                 id="both-2w-splice+copy-reloads-resize"),
+    pytest.param(quick(105, mode="both", workers=2, splice="both", reloads=True, resize=True, half_close=True,
+                       duration=6.0), id="both-2w-splice+copy-reloads-resize-halfclose"),
 ]
 
 
@@ -84,7 +85,7 @@ def test_plans_are_a_function_of_seed_and_index():
 # Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
 # races: counted and printed, not failed on here, each pinned by its own
 # strict xfail tests below.  Take an entry out once its defect is fixed.
-TOLERATED = {"linger"}
+TOLERATED = {"linger", "client_timeout"}
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -245,3 +246,86 @@ def test_chaos_seed_3_session_1071(tmp_path):
     for attempt in range(3):
         result = chaos.run(options, tmp_path / f"attempt{attempt}", say=lambda line: None)
         assert not result.violations, result.summary()
+
+
+# Defect (found by seed 12345, session 11519, in the 30-minute run; short
+# runs with `--timeouts 1,3,2,2 --mode tcp` find it too, but only when the
+# box is loaded enough to slow our readers, so no seed replay pins it
+# reliably: the reproductions below do, whatever the load): proxyd
+# takes only its own writes to the client as client activity.  It writes an
+# answer into the client socket as fast as the kernel takes it, and Linux
+# autotunes that send buffer up to tcp_wmem's maximum (4 MiB); a client that
+# reads steadily but slower than about a third of that buffer per
+# timeout_client gives proxyd no EPOLLOUT (so no write, so no "seen") for
+# longer than timeout_client.  proxyd then ends the session as idle (term cD,
+# err=timeout), throwing away what its pipe still held; the client, reading
+# all along, gets a clean EOF on a truncated answer.  Nothing tells the
+# client it lost bytes (TCP: no reset; HTTP: only the Content-Length).
+
+SLOW_REASON = ("timeout_client counts only proxyd's own writes as client activity: a client steadily reading "
+               "what waits in the (autotuned, MiBs) send buffer gives no EPOLLOUT for longer than timeout_client, "
+               "and proxyd ends the live session as idle, dropping what it still held (term cD, err=timeout)")
+SLOW_ANSWER = 5 << 20
+SLOW_READ, SLOW_PAUSE = 64 * KiB, 0.09    # ~700 KB/s: the reader never stops (the pace is the behaviour tested)
+
+
+def read_steadily(sock: socket.socket, limit: int) -> tuple[int, str]:
+    """Read up to LIMIT bytes, SLOW_READ at a time with SLOW_PAUSE between
+    reads; (bytes, how it ended)."""
+    got = 0
+    deadline = time.monotonic() + 120
+    try:
+        while got < limit and time.monotonic() < deadline:
+            data = sock.recv(SLOW_READ)
+            if not data:
+                return got, "eof"
+            got += len(data)
+            time.sleep(SLOW_PAUSE)
+    except ConnectionResetError:
+        return got, "reset"
+    return got, "limit" if got >= limit else "deadline"
+
+
+def send_and_hold(head: bytes):
+    def handler(conn, rec, backend):
+        seen = b""
+        while head and b"\r\n\r\n" not in seen:
+            data = conn.recv(65536)
+            if not data:
+                return
+            seen += data
+        conn.sendall(head + b"s" * SLOW_ANSWER)
+        while conn.recv(65536):    # hold the connection until proxyd ends it
+            pass
+    return handler
+
+
+@pytest.mark.xfail(strict=True, reason=SLOW_REASON)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_a_steady_slow_reader_is_not_cut_by_timeout_client_tcp(splice, backend, tcp_proxy):
+    app = backend(send_and_hold(b""))
+    proxy = tcp_proxy([app], workers=1, global_={"splice": splice}, frontend={"timeout_client": "1s"},
+                      backend={"timeout_server": "60s"})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    sock.settimeout(IO_TIMEOUT)
+    sock.connect(("127.0.0.1", proxy.port))
+    with sock:
+        sock.sendall(b"go")
+        got, how = read_steadily(sock, SLOW_ANSWER)
+    assert got == SLOW_ANSWER, f"{got} of {SLOW_ANSWER} bytes, then {how}; log: {proxy.log_tail(3)}"
+
+
+@pytest.mark.xfail(strict=True, reason=SLOW_REASON)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+def test_a_steady_slow_reader_is_not_cut_by_timeout_client_http(splice, backend, proxyd):
+    app = backend(send_and_hold(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SLOW_ANSWER))
+    port = free_port()
+    proxyd(http_config(port, {"app": {"servers": [app], "timeout_server": "60s"}}, workers=1,
+                       global_={"splice": splice}, frontend={"timeout_client": "1s"}))
+    with HTTPClient(port, timeout=IO_TIMEOUT) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+        client.send(build_request("GET", "/slow"))
+        got, how = read_steadily(client.sock, SLOW_ANSWER + 200)
+    # The head (< 200 bytes) and the whole body, then the connection stays open.
+    assert got > SLOW_ANSWER, f"{got} bytes (head and body {SLOW_ANSWER}), then {how}"
