@@ -65,7 +65,7 @@ class PeerError(Exception):
 class Side:
     """One socket of a session and what we know of its readiness."""
 
-    __slots__ = ("sock", "fd", "readable", "writable", "seen", "shut")
+    __slots__ = ("sock", "fd", "readable", "writable", "seen", "shut", "outq")
 
     def __init__(self, sock: socket.socket, now: float):
         self.sock = sock
@@ -74,6 +74,7 @@ class Side:
         self.writable = False
         self.seen = now     # last time bytes moved from or to this peer
         self.shut = False   # we sent it our FIN
+        self.outq = 0       # bytes it had not acknowledged when last asked
 
     def ready(self, mask: int) -> None:
         """Remember what epoll said; an error or hang-up lets the next call report it."""
@@ -87,6 +88,17 @@ class Side:
         if mask & TROUBLE:
             return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
         return 0 if mask & OUT else -1
+
+    def progressed(self, now: float) -> bool:
+        """Did the peer acknowledge bytes since we last asked?  A slow reader
+        drains a send buffer of megabytes long before we can write again:
+        the kernel, not our writes, says whether it is still there."""
+        unacked = ioctl_int(self.fd, termios.TIOCOUTQ)
+        if unacked and unacked != self.outq:
+            self.outq = unacked
+            self.seen = now
+            return True
+        return False
 
     def close(self, reset: bool) -> None:
         """Close; with RESET, SO_LINGER {1, 0} makes it an RST: no TIME_WAIT here."""
@@ -486,6 +498,8 @@ class TcpSession:
             if self.state is CLOSED:
                 return
         expiry, code = self._expiry()
+        if now >= expiry and self.state is RELAYING and (self.client if code == "cD" else self.server).progressed(now):
+            expiry, code = self._expiry()
         if now < expiry:
             return self._arm(expiry)
         if self.state is CONNECTING:

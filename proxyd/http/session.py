@@ -235,7 +235,9 @@ class HttpSession:
                 self._tunnel()
             elif self.state is CLOSING:
                 if self.to_client.flush(self.client, self.loop.now) and self._send_errorfile():
-                    self._close(linger=True if self.x.own_page else None)
+                    # After an answer, always: a request the client pipelines
+                    # meanwhile would make the kernel reset the answer away.
+                    self._close(linger=True)
             elif self.state is LINGER:
                 self._linger()
         except PeerError as e:
@@ -594,7 +596,7 @@ class HttpSession:
             self.err = self.err or reason
             self._drop_server(reset=True)
             self._log()
-            return self._close()
+            return self._close(linger=True)
         self.term = self.term or term or ("P" + self._phase())
         self.err = self.err or reason
         self._drop_server(reset=True)
@@ -694,9 +696,13 @@ class HttpSession:
         self._reject(408, "timeout")
 
     def _server_timeout(self) -> None:
+        if self.server is not None and self.server.progressed(self.loop.now):
+            return self._arm(self._expiry()[0])
         self._reject(504, "timeout", "sH" if self.x.response is None else "sD")
 
     def _client_timeout(self) -> None:
+        if self.client.progressed(self.loop.now):
+            return self._arm(self._expiry()[0])
         if self.state is CLOSING:
             return self._close(linger=False)  # our answer was logged; the client never read it
         self.term = self.term or "c" + self._phase()

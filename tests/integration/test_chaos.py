@@ -85,7 +85,7 @@ def test_plans_are_a_function_of_seed_and_index():
 # Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
 # races: counted and printed, not failed on here, each pinned by its own
 # strict xfail tests below.  Take an entry out once its defect is fixed.
-TOLERATED = {"linger", "client_timeout"}
+TOLERATED: set[str] = set()
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -131,7 +131,6 @@ def read_answer(client: HTTPClient, what: str):
     return resp, rest, how
 
 
-@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_request_pipelined_after_a_close_delimited_answer_does_not_reset_it(splice, backend, proxyd):
     body = b"c" * ANSWER
@@ -159,7 +158,6 @@ def test_request_pipelined_after_a_close_delimited_answer_does_not_reset_it(spli
     assert (rest, how) == (b"", "eof")
 
 
-@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_request_pipelined_after_a_draining_workers_answer_does_not_reset_it(splice, backend, proxyd):
     release = threading.Event()
@@ -198,7 +196,6 @@ def test_request_pipelined_after_a_draining_workers_answer_does_not_reset_it(spl
     assert (rest, how) == (b"", "eof")
 
 
-@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_request_pipelined_after_a_truncated_answer_does_not_reset_the_answers_before(splice, backend, proxyd):
     """Two pipelined requests: the first gets a whole answer, the second an
@@ -300,7 +297,6 @@ def send_and_hold(head: bytes):
     return handler
 
 
-@pytest.mark.xfail(strict=True, reason=SLOW_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_a_steady_slow_reader_is_not_cut_by_timeout_client_tcp(splice, backend, tcp_proxy):
     app = backend(send_and_hold(b""))
@@ -316,7 +312,6 @@ def test_a_steady_slow_reader_is_not_cut_by_timeout_client_tcp(splice, backend, 
     assert got == SLOW_ANSWER, f"{got} of {SLOW_ANSWER} bytes, then {how}; log: {proxy.log_tail(3)}"
 
 
-@pytest.mark.xfail(strict=True, reason=SLOW_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_a_steady_slow_reader_is_not_cut_by_timeout_client_http(splice, backend, proxyd):
     app = backend(send_and_hold(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SLOW_ANSWER))
