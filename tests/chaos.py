@@ -2067,7 +2067,11 @@ KNOWN = {
               "after that close made the kernel reset the answers in flight (RFC 9112 9.6)",
     "client_timeout": "a client that was reading got a truncated answer, the session ended by timeout_client "
                       "(term cD, err=timeout): proxyd counts only its own writes as client activity, and a "
-                      "client draining the MiBs of the autotuned send buffer gives it no EPOLLOUT for that long",
+                      "client draining the MiBs of the autotuned send buffer gives it no EPOLLOUT for that long "
+                      "(fixed in e76ea83)",
+    "server_timeout": "a client that was reading got a truncated answer, the session ended by timeout_server "
+                      "(term sD, err=timeout) though the server had sent everything: its silence is proxyd's own "
+                      "back-pressure while the answer is still on its way to the client",
 }
 HTTP_ACCESS = re.compile(r'"[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" (-?\d+) .* down=(\d+) term=(\S\S)'
                          r'(?: err=(\S+))?')
@@ -2111,13 +2115,13 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
                     "reset" in v.text or "ECONNRESET" in v.text):
                 v.kind = "linger"
                 v.text += f" [proxyd logged it whole: {status}, down={down}, term={term}]"
-            elif term == "cD" and err == "timeout":
-                v.kind = "client_timeout"
+            elif term in ("cD", "sD") and err == "timeout":
+                v.kind = "client_timeout" if term == "cD" else "server_timeout"
                 v.text += f" [proxyd: term={term} err={err}, down={down}]"
         else:
             for down, term, err in tcp_logged.get((v.port, plan.up), []):
-                if term == "cD" and err == "timeout":
-                    v.kind = "client_timeout"
+                if term in ("cD", "sD") and err == "timeout" and plan.server in TCP_ANSWERERS:
+                    v.kind = "client_timeout" if term == "cD" else "server_timeout"
                     v.text += f" [proxyd: term={term} err={err}, down={down}]"
     result.notes.append("known defects: " + (", ".join(
         f"{kind} ({n})" for kind, n in collections.Counter(v.kind for v in result.violations
@@ -2125,6 +2129,7 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
 
 
 def run(options: Options, workdir, say=print) -> Result:
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     return Chaos(options, Path(workdir), say).run()
 
 

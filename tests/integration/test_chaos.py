@@ -85,7 +85,7 @@ def test_plans_are_a_function_of_seed_and_index():
 # Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
 # races: counted and printed, not failed on here, each pinned by its own
 # strict xfail tests below.  Take an entry out once its defect is fixed.
-TOLERATED: set[str] = set()
+TOLERATED: set[str] = {"server_timeout"}
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -113,6 +113,7 @@ def test_chaos_fixed_seed(options, tmp_path):
 # kernel answers it with a reset, which throws away the part of the answer
 # still in flight (RFC 9112, 9.6: "servers typically close a connection in
 # stages").  The client gets a truncated answer and ECONNRESET.
+# (Fixed in e76ea83: a lingering close after every answer proxyd closes on.)
 
 LINGER_REASON = ("proxyd closes a keep-alive client connection without a lingering close (after a "
                  "close-delimited answer, a draining worker's Connection: close, an answer cut by its server) "
@@ -234,9 +235,8 @@ def test_request_pipelined_after_a_truncated_answer_does_not_reset_the_answers_b
     assert first.status == 200 and len(first.body) == ANSWER, f"{len(first.body)} of {ANSWER} bytes"
 
 
-@pytest.mark.xfail(strict=True, reason=LINGER_REASON)
 def test_chaos_seed_3_session_1071(tmp_path):
-    """The session that found it, replayed alone (a few times: it is a race
+    """The session that found it, replayed alone (a few times: it was a race
     between our pipelined request and proxyd's close, lost on nearly every try)."""
     options = chaos.Options(seed=3, duration=60, mode="both", workers=2, splice="both", concurrency=32,
                             profile="full", sessions=(1071,), progress=0)
@@ -258,6 +258,22 @@ def test_chaos_seed_3_session_1071(tmp_path):
 # err=timeout), throwing away what its pipe still held; the client, reading
 # all along, gets a clean EOF on a truncated answer.  Nothing tells the
 # client it lost bytes (TCP: no reset; HTTP: only the Content-Length).
+# (Fixed in e76ea83: the timeout asks TIOCOUTQ whether the client still acks.)
+#
+# Still open: timeout_server does the same from the other side.  Once the
+# server has handed over its whole answer (into proxyd's pipe and socket
+# buffers) it is silent, and timeout_server after its last byte proxyd ends
+# the session (term sD, err=timeout) while the answer is still on its way to
+# a client that is reading it; e76ea83 asks TIOCOUTQ of the *server* socket,
+# which is empty: the server is waiting on us, not the other way round.
+
+SERVER_SIDE_REASON = ("timeout_server ends a session whose server has sent its whole answer while that answer "
+                      "is still being delivered to a reading client (term sD, err=timeout): the server's "
+                      "silence is proxyd's own back-pressure, TIOCOUTQ of the server socket is 0")
+# Which timeout is short (1s); the other is 60s.
+SHORT = pytest.mark.parametrize("short", [
+    "timeout_client",
+    pytest.param("timeout_server", marks=pytest.mark.xfail(strict=True, reason=SERVER_SIDE_REASON))])
 
 SLOW_REASON = ("timeout_client counts only proxyd's own writes as client activity: a client steadily reading "
                "what waits in the (autotuned, MiBs) send buffer gives no EPOLLOUT for longer than timeout_client, "
@@ -297,11 +313,18 @@ def send_and_hold(head: bytes):
     return handler
 
 
+def timeouts(short: str) -> tuple[dict, dict]:
+    """(frontend keys, backend keys) with SHORT at 1s and the other at 60s."""
+    client, server = ("1s", "60s") if short == "timeout_client" else ("60s", "1s")
+    return {"timeout_client": client}, {"timeout_server": server}
+
+
+@SHORT
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
-def test_a_steady_slow_reader_is_not_cut_by_timeout_client_tcp(splice, backend, tcp_proxy):
+def test_a_steady_slow_reader_gets_the_whole_answer_tcp(splice, short, backend, tcp_proxy):
     app = backend(send_and_hold(b""))
-    proxy = tcp_proxy([app], workers=1, global_={"splice": splice}, frontend={"timeout_client": "1s"},
-                      backend={"timeout_server": "60s"})
+    frontend, backend_keys = timeouts(short)
+    proxy = tcp_proxy([app], workers=1, global_={"splice": splice}, frontend=frontend, backend=backend_keys)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
     sock.settimeout(IO_TIMEOUT)
@@ -309,15 +332,19 @@ def test_a_steady_slow_reader_is_not_cut_by_timeout_client_tcp(splice, backend, 
     with sock:
         sock.sendall(b"go")
         got, how = read_steadily(sock, SLOW_ANSWER)
-    assert got == SLOW_ANSWER, f"{got} of {SLOW_ANSWER} bytes, then {how}; log: {proxy.log_tail(3)}"
+    if got != SLOW_ANSWER:
+        ended = proxy.wait_access_lines(1, timeout=10)[-1].raw   # how proxyd ended it
+        pytest.fail(f"{got} of {SLOW_ANSWER} bytes, then {how}; {ended}")
 
 
+@SHORT
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
-def test_a_steady_slow_reader_is_not_cut_by_timeout_client_http(splice, backend, proxyd):
+def test_a_steady_slow_reader_gets_the_whole_answer_http(splice, short, backend, proxyd):
     app = backend(send_and_hold(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % SLOW_ANSWER))
     port = free_port()
-    proxyd(http_config(port, {"app": {"servers": [app], "timeout_server": "60s"}}, workers=1,
-                       global_={"splice": splice}, frontend={"timeout_client": "1s"}))
+    frontend, backend_keys = timeouts(short)
+    proxyd(http_config(port, {"app": {"servers": [app], **backend_keys}}, workers=1,
+                       global_={"splice": splice}, frontend=frontend))
     with HTTPClient(port, timeout=IO_TIMEOUT) as client:
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
         client.send(build_request("GET", "/slow"))
