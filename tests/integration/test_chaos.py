@@ -270,7 +270,7 @@ def test_chaos_seed_3_session_1071(tmp_path):
 SERVER_SIDE_REASON = ("timeout_server ends a session whose server has sent its whole answer while that answer "
                       "is still being delivered to a reading client (term sD, err=timeout): the server's "
                       "silence is proxyd's own back-pressure, TIOCOUTQ of the server socket is 0")
-# Which timeout is short (1s); the other is 60s.
+# Which timeout is short (0.5s); the other is 60s.
 SHORT = pytest.mark.parametrize("short", [
     "timeout_client",
     pytest.param("timeout_server", marks=pytest.mark.xfail(strict=True, reason=SERVER_SIDE_REASON))])
@@ -279,7 +279,7 @@ SLOW_REASON = ("timeout_client counts only proxyd's own writes as client activit
                "what waits in the (autotuned, MiBs) send buffer gives no EPOLLOUT for longer than timeout_client, "
                "and proxyd ends the live session as idle, dropping what it still held (term cD, err=timeout)")
 SLOW_ANSWER = 5 << 20
-SLOW_READ, SLOW_PAUSE = 64 * KiB, 0.09    # ~700 KB/s: the reader never stops (the pace is the behaviour tested)
+SLOW_READ, SLOW_PAUSE = 64 * KiB, 0.045   # ~1.4 MB/s: the reader never stops (the pace is the behaviour tested)
 
 
 def read_steadily(sock: socket.socket, limit: int) -> tuple[int, str]:
@@ -314,8 +314,8 @@ def send_and_hold(head: bytes):
 
 
 def timeouts(short: str) -> tuple[dict, dict]:
-    """(frontend keys, backend keys) with SHORT at 1s and the other at 60s."""
-    client, server = ("1s", "60s") if short == "timeout_client" else ("60s", "1s")
+    """(frontend keys, backend keys) with SHORT at 0.5s and the other at 60s."""
+    client, server = ("500ms", "60s") if short == "timeout_client" else ("60s", "500ms")
     return {"timeout_client": client}, {"timeout_server": server}
 
 
