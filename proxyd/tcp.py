@@ -498,7 +498,7 @@ class TcpSession:
             if self.state is CLOSED:
                 return
         expiry, code = self._expiry()
-        if now >= expiry and self.state is RELAYING and (self.client if code == "cD" else self.server).progressed(now):
+        if now >= expiry and self.state is RELAYING and self._still_moving(code, now):
             expiry, code = self._expiry()
         if now < expiry:
             return self._arm(expiry)
@@ -514,6 +514,17 @@ class TcpSession:
             self.err = "timeout"
             self.term = code
             self._finish(reset_server=True)
+
+    def _still_moving(self, code: str, now: float) -> bool:
+        """Before an idle timeout: is that side only waiting for the other?
+        A client acknowledging bytes is active; a server whose answer still
+        waits for the client (in our pipe, or unacknowledged) is not idle."""
+        if code == "cD":
+            return self.client.progressed(now)
+        if self.down.queued or self.client.progressed(now):
+            self.server.seen = now
+            return True
+        return self.server.progressed(now)
 
     def _expiry(self) -> tuple[float, str]:
         """When this session times out in its current state, and the code it gets."""

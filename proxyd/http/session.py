@@ -696,7 +696,10 @@ class HttpSession:
         self._reject(408, "timeout")
 
     def _server_timeout(self) -> None:
-        if self.server is not None and self.server.progressed(self.loop.now):
+        now, server, down = self.loop.now, self.server, self.x.down
+        if server is not None and (self.to_client.data or (down is not None and down.queued)
+                                   or self.client.progressed(now) or server.progressed(now)):
+            server.seen = now  # the answer waits for the client, not for the server
             return self._arm(self._expiry()[0])
         self._reject(504, "timeout", "sH" if self.x.response is None else "sD")
 
