@@ -216,10 +216,15 @@ class Pace:
                 yield READ, 0.0
             elif self.kind == "pieces":
                 yield rng.randint(1, 32 * KiB), 0.0
-            else:
-                pause = rng.uniform(0.002, 0.03) if budget > 0 else 0.0
+            elif budget > 0:
+                # Reads of 2 KiB at least: smaller ones with pauses, into a 4 KiB
+                # receive buffer, never reopen the window enough for an update and
+                # leave the sender on its persist timer (200 ms and more a step).
+                pause = rng.uniform(0.002, 0.03)
                 budget -= pause
-                yield rng.randint(256, 16 * KiB), pause
+                yield rng.randint(2 * KiB, 16 * KiB), pause
+            else:
+                yield READ, 0.0
 
 
 def pick_pace(rng: random.Random, slow_weight: int = 15) -> Pace:
@@ -553,8 +558,10 @@ class Wire:
         return True
 
     async def take(self, limit: int) -> bytes:
-        """Up to LIMIT bytes (at least one unless at the end: then b'')."""
-        if not self.buf and not await self.fill(min(limit, READ)):
+        """Up to LIMIT bytes (at least one unless at the end: then b'').
+        Reads are always whole (what is left stays in buf): a reader that
+        takes a few bytes at a time must still drain the socket."""
+        if not self.buf and not await self.fill():
             return b""
         data = bytes(self.buf[:limit])
         del self.buf[:limit]
@@ -966,6 +973,8 @@ class Engine:
                 await self._drain_until_closed(wire, check)
         finally:
             reset = plan.server in ("reset_up", "reset_down")
+            check.feed(bytes(wire.buf))   # read past a limit: still checked (and counted)
+            wire.buf.clear()
             self.stats["bytes_server_got"] += check.offset
             self.stats["bytes_server_sent"] += sent[0]
             if check.bad:
@@ -1193,6 +1202,8 @@ class Engine:
                     wire.close(reset=True)
         finally:
             await cancel(rx)
+            check.feed(bytes(wire.buf))   # read past a limit: still checked (and counted)
+            wire.buf.clear()
             self.stats["bytes_client_sent"] += sent[0]
             self.stats["bytes_client_got"] += check.offset
             self.stats[f"tcp_c_{client}"] += 1
@@ -2069,6 +2080,9 @@ KNOWN = {
                       "(term cD, err=timeout): proxyd counts only its own writes as client activity, and a "
                       "client draining the MiBs of the autotuned send buffer gives it no EPOLLOUT for that long "
                       "(fixed in e76ea83)",
+    "keepalive": "a request sent the moment the previous answer (logged whole) was in met EOF, no access line: "
+                 "timeout_http_keep_alive ran while the client was still reading that answer out of the send "
+                 "buffer, and proxyd closed the connection under it",
     "server_timeout": "a client that was reading got a truncated answer, the session ended by timeout_server "
                       "(term sD, err=timeout) though the server had sent everything: its silence is proxyd's own "
                       "back-pressure while the answer is still on its way to the client",
@@ -2086,6 +2100,7 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
     wanted = {v.sid: v for v in result.violations if v.kind == "whole" and v.sid >= 0}
     if not wanted:
         return
+    before = {sid - 1 for sid in wanted if sid & 15}   # the requests just before, for "keepalive"
     http_logged, tcp_logged = {}, {}
     tcp_ports = {v.port for v in wanted.values() if v.port}
     for proxy in proxies.proxies:
@@ -2094,7 +2109,7 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
                 for line in f:
                     m = HTTP_ACCESS.search(line)
                     if m:
-                        if int(m[1], 16) in wanted:
+                        if int(m[1], 16) in wanted or int(m[1], 16) in before:
                             http_logged[int(m[1], 16)] = (int(m[2]), int(m[3]), m[4], m[5] or "")
                         continue
                     m = TCP_ACCESS.search(line)
@@ -2109,6 +2124,11 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
         if plan.mode == "http":
             entry = http_logged.get(sid)
             if entry is None:
+                previous = http_logged.get(sid - 1) if k else None
+                if (previous is not None and previous[0] == 200 and previous[2] == "--" and "none" in v.text
+                        and "(eof" in v.text):
+                    v.kind = "keepalive"
+                    v.text += " [no access line; proxyd logged the answer before it whole]"
                 continue
             status, down, term, err = entry
             if status == 200 and term == "--" and down >= plan.reqs[k].act.down and (
