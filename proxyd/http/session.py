@@ -676,7 +676,7 @@ class HttpSession:
                        self.linger_until), self._release
         if self.state is WAIT_REQUEST:
             if not self.inbuf and self.requests and self.x.started <= self.idle_since:
-                return self.idle_since + config.timeout_http_keep_alive, self._close
+                return self.idle_since + config.timeout_http_keep_alive, self._keepalive_timeout
             return x.started + config.timeout_http_request, self._request_timeout
         if self.state is CONNECTING:
             return (self.attempt_started + x.backend.config.timeout_connect,
@@ -690,6 +690,13 @@ class HttpSession:
             if server_expiry < seen + timeout:
                 return server_expiry, self._server_timeout
         return seen + timeout, self._client_timeout
+
+    def _keepalive_timeout(self) -> None:
+        if self.client.progressed(self.loop.now):
+            # Still reading the last answer from our send buffer: not idle yet.
+            self.idle_since = self.loop.now
+            return self._arm(self._expiry()[0])
+        self._close()
 
     def _request_timeout(self) -> None:
         self.term = "cR"

@@ -362,12 +362,8 @@ def test_a_steady_slow_reader_gets_the_whole_answer_http(splice, short, backend,
 # the kernel knows the client is busy, TIOCOUTQ; e76ea83 does not look there
 # for this timer.)
 
-KEEPALIVE_REASON = ("timeout_http_keep_alive runs from the moment proxyd has written the answer's last byte, "
-                    "while the client is still reading it out of the send buffer: proxyd closes the connection "
-                    "and the client's next request meets EOF")
 
 
-@pytest.mark.xfail(strict=True, reason=KEEPALIVE_REASON)
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_keep_alive_timeout_waits_for_the_client_to_have_the_answer(splice, backend, proxyd):
     def answer_each(conn, rec, backend):
