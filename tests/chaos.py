@@ -2075,17 +2075,17 @@ class Chaos:
 KNOWN = {
     "linger": "an HTTP answer proxyd logged as relayed whole (200, term=--) reached the client cut by a reset: "
               "proxyd closed the keep-alive connection without a lingering close and a request pipelined "
-              "after that close made the kernel reset the answers in flight (RFC 9112 9.6)",
+              "after that close made the kernel reset the answers in flight (RFC 9112 9.6; fixed in e76ea83)",
     "client_timeout": "a client that was reading got a truncated answer, the session ended by timeout_client "
                       "(term cD, err=timeout): proxyd counts only its own writes as client activity, and a "
                       "client draining the MiBs of the autotuned send buffer gives it no EPOLLOUT for that long "
                       "(fixed in e76ea83)",
     "keepalive": "a request sent the moment the previous answer (logged whole) was in met EOF, no access line: "
                  "timeout_http_keep_alive ran while the client was still reading that answer out of the send "
-                 "buffer, and proxyd closed the connection under it",
+                 "buffer, and proxyd closed the connection under it (fixed in ba02d65)",
     "server_timeout": "a client that was reading got a truncated answer, the session ended by timeout_server "
                       "(term sD, err=timeout) though the server had sent everything: its silence is proxyd's own "
-                      "back-pressure while the answer is still on its way to the client",
+                      "back-pressure while the answer is still on its way to the client (fixed in fa539ae)",
 }
 HTTP_ACCESS = re.compile(r'"[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" (-?\d+) .* down=(\d+) term=(\S\S)'
                          r'(?: err=(\S+))?')

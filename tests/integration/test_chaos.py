@@ -88,7 +88,7 @@ def test_plans_are_a_function_of_seed_and_index():
 # Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
 # races: counted and printed, not failed on here, each pinned by its own
 # strict xfail tests below.  Take an entry out once its defect is fixed.
-TOLERATED: set[str] = {"server_timeout", "keepalive"}
+TOLERATED: set[str] = set()
 
 
 @pytest.mark.parametrize("options", CASES)
@@ -118,10 +118,6 @@ def test_chaos_fixed_seed(options, tmp_path):
 # stages").  The client gets a truncated answer and ECONNRESET.
 # (Fixed in e76ea83: a lingering close after every answer proxyd closes on.)
 
-LINGER_REASON = ("proxyd closes a keep-alive client connection without a lingering close (after a "
-                 "close-delimited answer, a draining worker's Connection: close, an answer cut by its server) "
-                 "when no client byte is pending at that instant; a request pipelined after that close makes "
-                 "the kernel reset the answers still in flight away (RFC 9112 9.6)")
 ANSWER = 512 * KiB
 
 
@@ -263,21 +259,16 @@ def test_chaos_seed_3_session_1071(tmp_path):
 # client it lost bytes (TCP: no reset; HTTP: only the Content-Length).
 # (Fixed in e76ea83: the timeout asks TIOCOUTQ whether the client still acks.)
 #
-# Still open: timeout_server does the same from the other side.  Once the
-# server has handed over its whole answer (into proxyd's pipe and socket
-# buffers) it is silent, and timeout_server after its last byte proxyd ends
-# the session (term sD, err=timeout) while the answer is still on its way to
-# a client that is reading it; e76ea83 asks TIOCOUTQ of the *server* socket,
-# which is empty: the server is waiting on us, not the other way round.
+# timeout_server did the same from the other side.  Once the server has
+# handed over its whole answer (into proxyd's pipe and socket buffers) it is
+# silent, and timeout_server after its last byte proxyd ended the session
+# (term sD, err=timeout) while the answer was still on its way to a client
+# reading it; e76ea83 asked TIOCOUTQ of the *server* socket, which is empty:
+# the server is waiting on us, not the other way round.  (Fixed in fa539ae.)
 
 # Which timeout is short (0.5s); the other is 60s.
-SHORT = pytest.mark.parametrize("short", [
-    "timeout_client",
-    "timeout_server"])
+SHORT = pytest.mark.parametrize("short", ["timeout_client", "timeout_server"])
 
-SLOW_REASON = ("timeout_client counts only proxyd's own writes as client activity: a client steadily reading "
-               "what waits in the (autotuned, MiBs) send buffer gives no EPOLLOUT for longer than timeout_client, "
-               "and proxyd ends the live session as idle, dropping what it still held (term cD, err=timeout)")
 SLOW_ANSWER = 5 << 20
 SLOW_READ, SLOW_PAUSE = 64 * KiB, 0.045   # ~1.4 MB/s: the reader never stops (the pace is the behaviour tested)
 
@@ -359,9 +350,7 @@ def test_a_steady_slow_reader_gets_the_whole_answer_http(splice, short, backend,
 # waiting in the send buffer is "idle" to timeout_http_keep_alive, and proxyd
 # closes the connection under it; its next request, sent the moment the
 # answer is in, meets EOF.  (The same blindness as the slow-reader timeouts:
-# the kernel knows the client is busy, TIOCOUTQ; e76ea83 does not look there
-# for this timer.)
-
+# the kernel knows the client is busy, TIOCOUTQ.  Fixed in ba02d65.)
 
 
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
