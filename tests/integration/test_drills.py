@@ -507,6 +507,7 @@ def push(client: TaggedClient, view: memoryview) -> memoryview:
     return view
 
 
+@pytest.mark.drill
 def test_drill_splice_pipe_out_of_fds(backend, proxyd):
     """Splice, ulimit_n leaving room for K = 3 sessions that each hold a
     pipe (their server reads nothing yet, so the bytes wait in the pipe:
