@@ -62,6 +62,7 @@ class Log:
         self.pending: list[str] = []
         self.backlog = bytearray()    # the part of the lines the sink could not take yet
         self.dropped = 0              # lines dropped since the sink was last able to take them
+        self.mid_line = False         # the last byte written did not end a line
         self._second = -1
         self._prefix = ""
         self.open()
@@ -93,6 +94,7 @@ class Log:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         sock.connect_ex(address)
         self.fd = sock.detach()
+        self.mid_line = False
 
     def _stream_failed(self) -> None:
         """The receiver is gone: what waits is lost (counted); reconnect in a second."""
@@ -161,6 +163,8 @@ class Log:
         if self.backlog and not self._drain():
             return self._keep(data)
         try:
+            if self.mid_line:  # end the line a failed write cut short, then ours
+                self.mid_line = not os.write(self.fd, b"\n")
             written = os.write(self.fd, data)
         except BlockingIOError:
             written = 0
@@ -169,6 +173,8 @@ class Log:
             if self.stream is not None:
                 self._stream_failed()
             return  # the sink is gone (EPIPE, EIO, ENOSPC): nothing to wait for
+        if written:
+            self.mid_line = data[written - 1] != 0x0A
         if written < len(data):
             self._keep(data[written:])
         elif self.dropped:
@@ -184,15 +190,19 @@ class Log:
     def _drain(self) -> bool:
         """Write the backlog; True once it is empty."""
         try:
-            del self.backlog[:os.write(self.fd, self.backlog)]
+            written = os.write(self.fd, self.backlog)
         except BlockingIOError:
             return False
-        except OSError:
+        except OSError:  # the sink failed (ENOSPC, EPIPE): its lines are lost, and counted
             if self.stream is not None:
                 self._stream_failed()
                 return False
             self.dropped += self.backlog.count(b"\n")
             self.backlog.clear()
+            return False
+        if written:
+            self.mid_line = self.backlog[written - 1] != 0x0A
+        del self.backlog[:written]
         if not self.backlog and self.dropped:
             self._say_dropped()
         return not self.backlog
