@@ -135,9 +135,12 @@ class Log:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z {self.tag}[{self.pid}]: "
 
+    def _syslog_header(self, severity: int) -> str:
+        return f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+
     def _emit(self, severity: int, lines: list[str]) -> None:
         if self.sock is not None:
-            header = f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+            header = self._syslog_header(severity)
             if self.dropped:
                 lines = [f"log sink was full: {self.dropped} log lines dropped", *lines]
                 self.dropped = 0
@@ -148,7 +151,7 @@ class Log:
                     self.dropped += 1  # syslog is lossy by nature; never block or crash the loop for it
             return
         if self.stream is not None:
-            header = f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+            header = self._syslog_header(severity)
             if self.fd < 0:
                 if time.monotonic() < self.reconnect_at:
                     self.dropped += len(lines)

@@ -220,9 +220,10 @@ class Pump:
                 self.pipe = None
 
     def close(self) -> None:
-        """Session over: an empty pipe goes back to the pool, a dirty one is closed."""
+        """Session over: the pool takes the pipe back if the kernel says it is
+        empty, and closes it otherwise."""
         if self.pipe is not None:
-            self.pool.discard(self.pipe) if self.queued else self.pool.put(self.pipe)
+            self.pool.put(self.pipe)
             self.pipe = None
 
 

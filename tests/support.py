@@ -843,3 +843,30 @@ def run_parallel(count: int, threads: int, job) -> list[BaseException]:
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, range(count)))
     return errors
+
+
+def run_sessions(count: int, clients: int, session, join_timeout: float = 240) -> list[BaseException]:
+    """Run SESSION(i) COUNT times over CLIENTS threads, stopping at the first
+    error; return the errors."""
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    next_index = iter(range(count))
+
+    def loop():
+        while not errors:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            try:
+                session(i)
+            except BaseException as e:  # collected and reported by the caller
+                errors.append(e)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_timeout)
+    assert not any(t.is_alive() for t in threads), "client threads still running"
+    return errors

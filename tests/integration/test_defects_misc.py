@@ -30,7 +30,7 @@ import pytest
 
 from tests.http_support import HTTPBackend, HTTPClient, Reply, build_request, http_config
 from tests.support import (LOG_LINE, REPO, Proxyd, connect, free_port, parse_access_line, payload,
-                           read_to_end, sha256, tcp_config, wait_for, write_config)
+                           read_to_end, run_sessions, sha256, tcp_config, wait_for, write_config)
 
 HEAD = struct.Struct(">I")  # body length
 SPLICE = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
@@ -68,32 +68,6 @@ def tagged_echo(port: int, tag: bytes, timeout: float = 15.0) -> None:
         digest, count, end = read_to_end(client)
     assert (count, digest, end) == (len(tag), sha256(tag), "eof"), \
         f"session {tag[:24]!r}: got {count} of {len(tag)} bytes, then {end}"
-
-
-def run_sessions(count: int, clients: int, session, join_timeout: float = 240) -> list[BaseException]:
-    """Run SESSION(i) COUNT times over CLIENTS threads; return the errors."""
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    next_index = iter(range(count))
-
-    def loop():
-        while not errors:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                return
-            try:
-                session(i)
-            except BaseException as e:
-                errors.append(e)
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(join_timeout)
-    assert not any(t.is_alive() for t in threads), "client threads still running"
-    return errors
 
 
 # ---------------------------------------------- #16: retry after a timeout

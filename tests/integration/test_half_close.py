@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import (LOCALHOST, connect, payload, read_to_end, recv_exactly, settle_towards, sha256,
-                           source_handler, stays, timewait_towards, wait_for)
+from tests.support import (LOCALHOST, connect, payload, read_to_end, recv_exactly, run_sessions, settle_towards,
+                           sha256, source_handler, stays, timewait_towards, wait_for)
 
 KiB, MiB = 1 << 10, 1 << 20
 HEAD = struct.Struct(">II")  # request body length, answer length
@@ -334,32 +334,6 @@ SESSIONS = 2000
 CLIENTS = 8
 SMALL_REQUEST = 100
 SMALL_ANSWER = 1000
-
-
-def run_sessions(count: int, clients: int, session) -> list[BaseException]:
-    """Run SESSION(i) COUNT times over CLIENTS threads; return the errors."""
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    next_index = iter(range(count))
-
-    def loop():
-        while not errors:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                return
-            try:
-                session(i)
-            except BaseException as e:
-                errors.append(e)
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    assert not any(t.is_alive() for t in threads), "client threads still running"
-    return errors
 
 
 def _half_close_to_eof(port: int, i: int) -> None:

@@ -3,39 +3,12 @@ first (PRODUCT.md, Bars)."""
 
 from __future__ import annotations
 
-import threading
 
-from tests.support import (connect, echo_handler, read_to_end, recv_exactly, settle_towards,
+from tests.support import (connect, echo_handler, read_to_end, recv_exactly, run_sessions, settle_towards,
                            source_handler, timewait_towards)
 
 SESSIONS = 2000
 CLIENTS = 4  # sessions run a few at a time, each one complete
-
-
-def run_sessions(count: int, clients: int, session) -> list[BaseException]:
-    """Run SESSION(i) COUNT times over CLIENTS threads; return the errors."""
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    next_index = iter(range(count))
-
-    def loop():
-        while not errors:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                return
-            try:
-                session(i)
-            except BaseException as e:
-                errors.append(e)
-
-    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    assert not any(t.is_alive() for t in threads), "client threads still running"
-    return errors
 
 
 def test_no_timewait_client_closes_first(backend, tcp_proxy):
