@@ -104,7 +104,7 @@ class Frontend:
         self.listeners: list[Listener] = []
         self.active = 0
         self.session = HttpSession if config.mode == "http" else TcpSession
-        self.errorfiles: dict[int, tuple[int, int]] = {}
+        self.errorfiles: dict[int, tuple[int, int, int]] = {}
         for status, path in config.errorfiles.items():
             try:
                 self.errorfiles[status] = sealed_copy(path)
@@ -113,8 +113,9 @@ class Frontend:
                             f"{e.strerror}; the built-in page is used")
 
 
-def sealed_copy(path: str) -> tuple[int, int]:
-    """(fd, size) of a sealed in-memory copy of PATH, for sendfile.
+def sealed_copy(path: str) -> tuple[int, int, int]:
+    """(fd, size, head size) of a sealed in-memory copy of PATH, for sendfile
+    (the head alone answers a HEAD request).
 
     Error pages are read once, when the worker loads its configuration (as
     HAProxy does): a file truncated or rewritten in place afterwards changes
@@ -128,7 +129,8 @@ def sealed_copy(path: str) -> tuple[int, int]:
         view = view[os.write(fd, view):]
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-    return fd, len(data)
+    head_end = data.find(b"\r\n\r\n")
+    return fd, len(data), head_end + 4 if head_end >= 0 else len(data)
 
 
 class Listener:

@@ -1235,11 +1235,6 @@ CATEGORIES = {c.id: c for c in [
     Category("F-METHOD", "RFC 9110 9.1, 16.1; RFC 9112 3.1",
              "a method llhttp does not know (extension methods such as FOO or BREW, lower-case `get`): a method "
              "is any token and is case-sensitive, so proxyd forwards it verbatim; llhttp has a fixed list"),
-    Category("F-TARGET-FORM", "RFC 9112 3.2, 3",
-             "a request-target in none of the four forms (not origin-form, i.e. not starting with `/`, and not "
-             "an absolute-URI llhttp reads), e.g. `GET foo HTTP/1.1`, `GET example.test:80 HTTP/1.1`: proxyd "
-             "forwards it verbatim, llhttp rejects it; the request-line is invalid and SHOULD get a 400",
-             bug=True),
     Category("F-TE-OWS", "RFC 9110 5.5, 5.6.1",
              "Transfer-Encoding `chunked` with HTAB in its optional whitespace (`chunked<HTAB>`): the OWS is not "
              "part of the value (RFC 9110 5.5), so this is chunked; llhttp rejects it in a request and, in a "
@@ -1252,25 +1247,16 @@ CATEGORIES = {c.id: c for c in [
     Category("C-LINE-SIZE", "RFC 9112 7.1.1",
              "a chunk-size line (extensions included) over 4 KiB: proxyd bounds it (400; 502 or a cut response "
              "from a server), as RFC 9112 7.1.1 says a recipient ought to limit extensions; llhttp has no limit"),
-    Category("B-PARTIAL-CHUNK-LINE", "RFC 9112 7.1",
-             "an unterminated chunk-size line that already cannot be valid (`zz`, garbage) is relayed as it "
-             "arrives, before its CRLF: ChunkedDecoder checks a size line only once complete, so up to 4 KiB of "
-             "bad framing reaches the server (requests) or the client (responses) before proxyd notices",
-             bug=True),
-    Category("B-TRAILER-FRAMING", "RFC 9110 6.5.1, 6.5.2",
-             "a Content-Length or Transfer-Encoding field in the trailer section of a chunked message is "
-             "forwarded (relayed) verbatim; llhttp rejects the message.  Framing fields cannot be processed "
-             "outside the header section and a sender MUST NOT generate a trailer field whose definition does "
-             "not permit it (RFC 9110 6.5.1); a recipient that merges them into the header section (which 6.5.2 "
-             "forbids, but servers do) is open to smuggling", bug=True),
     Category("F-CHUNK-EXT-BWS", "RFC 9112 7.1.1",
              "whitespace (BWS) around `;` or `=` in a chunk extension: valid by the RFC's grammar, forwarded "
              "verbatim by proxyd; llhttp rejects it"),
-    Category("P-HEAD-ERROR-BODY", "RFC 9110 9.3.2, 6.4.1",
-             "proxyd's own error answer (400, 502, ...) to a HEAD request carries its HTML page as content; "
-             "the server MUST NOT send content in a response to HEAD, and a client reading it as one (llhttp "
-             "with the HEAD flag) sees the page as the start of a next response", bug=True),
     # responses: llhttp accepts, proxyd answers 502 (or cuts the relayed response)
+    Category("S-TRAILER-FRAMING", "RFC 9110 6.5.1, 6.5.2",
+             "a Transfer-Encoding (or Content-Length) field in the trailer section of a chunked response: "
+             "framing cannot be processed after the content and a sender MUST NOT generate it (6.5.1); a "
+             "recipient that merges trailers into the head (6.5.2 forbids it, some do) would re-frame the "
+             "message.  proxyd answers 502 (or cuts the response); llhttp accepts a Transfer-Encoding trailer "
+             "in a response (it rejects one in a request, and Content-Length in both)"),
     Category("S-STATUS-NO-SP", "RFC 9112 4",
              "status line without the SP after the status code (`HTTP/1.1 200`): required by the grammar; "
              "proxyd answers 502, llhttp accepts"),
@@ -1378,9 +1364,6 @@ def forwarded_rejection_categories(raw: bytes, error: str | None) -> list[str]:
     """Documented reasons for proxyd to forward a request that llhttp rejects (with ERROR)."""
     found = []
     method = raw.lstrip(b"\r\n").split(b" ", 1)[0]
-    target = (raw.lstrip(b"\r\n").split(b" ", 2)[1:2] or [b""])[0]
-    if "url" in (error or "").lower() and not target.startswith(b"/"):
-        found.append("F-TARGET-FORM")
     if TOKEN.fullmatch(method) and method not in LLHTTP_METHODS and "method" in (error or "").lower():
         found.append("F-METHOD")
     head_end = raw.find(b"\r\n\r\n")
@@ -1394,27 +1377,6 @@ def forwarded_rejection_categories(raw: bytes, error: str | None) -> list[str]:
             found.append("F-CHUNK-EXT-BWS")
             break
     return found
-
-
-CHUNK_LINE_PREFIX = re.compile(rb"[0-9A-Fa-f]{0,15}|[0-9A-Fa-f]{1,15}[ \t;].*", re.DOTALL)
-
-
-def partial_chunk_line(data: bytes, error: str | None) -> bool:
-    """DATA (relayed by proxyd, unreadable by llhttp with ERROR) ends in an
-    unterminated chunk-size line that cannot be the start of a valid one."""
-    tail = data.rsplit(b"\n", 1)[-1]
-    return "chunk" in (error or "").lower() and bool(tail) and not CHUNK_LINE_PREFIX.fullmatch(tail)
-
-
-TRAILER_FRAMING = re.compile(rb"(?i)\r\n0+(?:[ \t;][^\r\n]*)?\r\n(?:[^\r\n]+\r\n)*?"
-                             rb"(?:content-length|transfer-encoding)[ \t]*:")
-
-
-def trailer_framing(data: bytes, error: str | None) -> bool:
-    """DATA (chunked, relayed by proxyd) has a Content-Length or
-    Transfer-Encoding trailer field, and llhttp rejects it for that."""
-    err = (error or "").lower()
-    return ("content-length" in err or "transfer-encoding" in err) and bool(TRAILER_FRAMING.search(data))
 
 
 def persistent(m: LlMessage) -> bool:
@@ -1432,14 +1394,33 @@ def own_answer(m: LlMessage, head_only: bool = False) -> bool:
         (head_only or m.body.startswith(b"<html><body><h1>%d " % m.status))
 
 
+FRAMING_FIELDS = {b"content-length", b"transfer-encoding"}
+HEAD_REQUEST = re.compile(rb"(?:^|\n)HEAD ")
+
+
+def read_answers(received: bytes, sent: bytes) -> LlResult:
+    """What the client received, as llhttp reads it.  proxyd's own answer
+    (always the last thing it sends) to a HEAD request is its head alone
+    (RFC 9110 9.3.2): read that one as a response to HEAD."""
+    client = llparse(received, response=True)
+    answers = client.messages
+    if answers and not answers[-1].complete and received.endswith(b"\r\n\r\n") and HEAD_REQUEST.search(sent):
+        start = received.rfind(b"HTTP/1.")
+        last = llparse(received[start:], response=True, head_only=True)
+        if last.messages and own_answer(last.messages[0], head_only=True):
+            before = llparse(received[:start], response=True) if start else LlResult([])
+            return LlResult(before.messages + last.messages, before.error)
+    return client
+
+
 def check_request_case(msg: Message, x: Exchange, marker: bytes) -> Outcome:
     sent = x.sent
     first = msg.render().replace(MARK, marker)
     out = Outcome("request", sent=sent, received=x.received, forwarded=x.forwarded, notes=list(msg.notes))
     orig = llparse_http(sent)
-    client = llparse(x.received, response=True)
+    client = read_answers(x.received, sent)
     answers = client.messages
-    own = [a for a in answers if own_answer(a)]
+    own = [a for a in answers if own_answer(a, head_only=not a.body and bool(HEAD_REQUEST.search(sent)))]
     from_backend = [a for a in answers if a.get(BACKEND_HEADER)]
     if x.end == "timeout":
         out.problems.append("proxyd did not end the client connection in time")
@@ -1500,10 +1481,6 @@ def check_request_case(msg: Message, x: Exchange, marker: bytes) -> Outcome:
                 out.verdicts.append("agree-forwarded")
         elif fwd.error:
             cats = forwarded_rejection_categories(own_bytes(i), orig.error)
-            if partial_chunk_line(raw, fwd.error):
-                cats.append("B-PARTIAL-CHUNK-LINE")
-            if trailer_framing(raw, fwd.error):
-                cats.append("B-TRAILER-FRAMING")
             if cats and documented_at < 0:
                 documented_at = i
             if o is not None and o.complete:
@@ -1625,6 +1602,8 @@ def response_rejection_categories(server: bytes, s: LlResult, case: ResponseCase
         found.append("S-CHUNK-SIZE-DIGITS")
     if final.chunked:
         found += chunk_line_categories(body)
+    if any(n.lower() in FRAMING_FIELDS for n, _ in final.trailers):
+        found.append("S-TRAILER-FRAMING")
     return found
 
 
@@ -1644,22 +1623,14 @@ def check_response_case(case: ResponseCase, x: Exchange, marker: bytes) -> Outco
     c_interims = [m for m in c.messages if m.complete and 100 <= m.status < 200]
     c_final = next((m for m in c.messages if not (100 <= m.status < 200)), None)
     if c.error and not (c_final is not None and c_final.complete):
-        if partial_chunk_line(x.received, c.error):
-            out.categories.append("B-PARTIAL-CHUNK-LINE")
-            return out
         cats = [k for k in forwarded_rejection_categories(server, s.error) if k == "F-CHUNK-EXT-BWS"]
-        if trailer_framing(server, s.error):
-            cats.append("B-TRAILER-FRAMING")
         if s.error == c.error and cats:
             out.categories += cats  # relayed as the server sent it: both read it the same, as invalid
             return out
         out.problems.append(f"llhttp cannot read what proxyd sent the client: {c.error}")
     own = c_final is not None and own_answer(c_final, head_only)
     if head_only and c_final is not None and not x.received.endswith(b"\r\n\r\n"):
-        if own:
-            out.categories.append("P-HEAD-ERROR-BODY")
-        else:
-            out.problems.append("bytes after the head of a response to HEAD")
+        out.problems.append("bytes after the head of a response to HEAD")
     if own:
         # proxyd refused the response: llhttp must not accept it either, or it is documented
         for a, b in zip(s_interims, c_interims):

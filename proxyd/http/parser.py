@@ -20,6 +20,17 @@ DIGITS = re.compile(rb"\d{1,18}")
 CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
                         rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|"
                         rb"\"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*\"))?)*)")
+# What may still turn into a valid line while its CRLF has not come: a
+# chunk-size line (hex digits, then an extension) or a trailer field (a
+# name, then a colon and a value).  Anything else is refused at once, before
+# it is relayed.
+CHUNK_SIZE_PREFIX = re.compile(rb"(?:[0-9A-Fa-f]{1,15}(?:[ \t;][\t\x20-\x7e\x80-\xff]*)?)?\r?")
+TRAILER_PREFIX = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[\t\x20-\x7e\x80-\xff]*)?)?\r?")
+# RFC 9110 6.5.1: framing cannot come after the content; a recipient that
+# merges trailers into the head (6.5.2 forbids it, servers do it) would
+# read these as the message's framing.
+FRAMING_FIELDS = {b"content-length", b"transfer-encoding"}
+ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 END_TO_END = {b"host"}  # never dropped, whatever Connection names
 KNOWN_CODINGS = {b"gzip", b"deflate", b"compress", b"x-gzip", b"x-compress"}
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
@@ -114,6 +125,11 @@ def parse_request(head: bytes) -> Message:
         raise HttpError(505, "unsupported HTTP version")
     if method == b"CONNECT":
         raise HttpError(501, "CONNECT is not supported")
+    if not (target[0] == 47 or ABSOLUTE_FORM.match(target) or (target == b"*" and method == b"OPTIONS")):
+        # RFC 9112 3.2: origin-form, absolute-form, or "*" for OPTIONS
+        # (authority-form is CONNECT's); "foo" is none, and servers differ
+        # on what it means.
+        raise HttpError(400, "request-target in none of the forms")
     message = Message()
     message.method, message.target = method, target
     message.version = 10 if minor == b"0" else 11
@@ -241,7 +257,8 @@ class ChunkedDecoder:
                 buf = self.line + chunk
                 end = buf.find(b"\r\n")
                 if end < 0:
-                    if len(buf) > self.MAX_LINE or b"\n" in buf or b"\r" in buf[:-1]:
+                    prefix = CHUNK_SIZE_PREFIX if state == self.SIZE else TRAILER_PREFIX
+                    if len(buf) > self.MAX_LINE or not prefix.fullmatch(buf):
                         raise HttpError(self.bad, "bad chunk line")
                     self.line = buf
                     i += len(chunk)
@@ -262,6 +279,8 @@ class ChunkedDecoder:
                     if line[0] in b" \t" or not colon or not TOKEN.fullmatch(name) \
                             or BAD_VALUE.search(value.strip(b" \t")):
                         raise HttpError(self.bad, "bad trailer field")
+                    if name.lower() in FRAMING_FIELDS:
+                        raise HttpError(self.bad, "framing field in the trailers")
                 else:
                     self.done = True
         return i

@@ -603,13 +603,18 @@ class HttpSession:
         x.status = status
         self.inbuf.clear()
         self.to_client.data.clear()
+        # RFC 9110 9.3.2: no content in an answer to HEAD, ours included.
+        head_only = x.line.startswith("HEAD ")
         errorfile = self.frontend.errorfiles.get(status)
         if errorfile is not None:
-            fd, size = errorfile
+            fd, size, head_size = errorfile
+            size = head_size if head_only else size
             self.errorfile = [fd, 0, size]
             x.own_page = size
         else:
             page = builtin_page(status)
+            if head_only:
+                page = page[:page.index(b"\r\n\r\n") + 4]
             self.to_client.data += page
             x.own_page = len(page)
         self._log()

@@ -11,7 +11,7 @@ hundred cases; scripts/fuzz-http runs the same strategies for as long as
 asked.
 
 Then each documented difference as a fixed vector (so the list in the docs
-stays true), the proxyd bugs the fuzzing found as xfail(strict=True)
+stays true), the proxyd bugs the fuzzing found (now fixed) as
 regression tests, and a few checks that the checker itself notices a
 forwarded request or a relayed response that is not what llhttp read.
 
@@ -108,11 +108,13 @@ RESPONSE_VECTORS = {
     "S-INTERIM": b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     "F-CHUNK-EXT-BWS": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 ; a = b\r\nok\r\n0\r\n\r\n",
     "F-TE-OWS": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\t\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "S-TRAILER-FRAMING": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n",
 }
 
 
 def test_every_category_has_a_vector():
-    covered = set(REQUEST_VECTORS) | set(RESPONSE_VECTORS) | {c for c, _ in BUG_VECTORS}
+    covered = set(REQUEST_VECTORS) | set(RESPONSE_VECTORS)
     assert covered == set(hf.CATEGORIES), set(hf.CATEGORIES) ^ covered
 
 
@@ -139,16 +141,9 @@ def test_requests_after_a_documented_difference_are_still_compared(fuzz_env):
     assert len(outcome.forwarded) == 2, outcome.report()
 
 
-# ----------------------------------------------------------------- proxyd bugs
-# Found by the fuzzing; each test says what proxyd should do and fails until
-# it does (then XPASS fails the run: remove the mark, and bug=True from the
-# category in tests/http_fuzz.py, so that the fuzz fails on it from then on).
-
-BUG_VECTORS = [("F-TARGET-FORM", "foo"), ("F-TARGET-FORM", "authority"),
-               ("P-HEAD-ERROR-BODY", "own 400"), ("P-HEAD-ERROR-BODY", "own 502"),
-               ("B-PARTIAL-CHUNK-LINE", "request"), ("B-PARTIAL-CHUNK-LINE", "response"),
-               ("B-TRAILER-FRAMING", "request"), ("B-TRAILER-FRAMING", "response")]
-
+# ---------------------------------------------------- bugs the fuzzing found
+# Each was a proxyd bug (an xfail until fixed, docs/PARSER.md "Fixed"); now
+# a regression test, and the fuzz fails on any new case of it.
 
 def _own(received: bytes, head_only: bool = False) -> hf.LlMessage:
     answers = hf.llparse(received, response=True, head_only=head_only).messages
@@ -156,10 +151,8 @@ def _own(received: bytes, head_only: bool = False) -> hf.LlMessage:
     return answers[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="proxyd bug F-TARGET-FORM: a request-target in none of RFC 9112 3.2's "
-                                       "forms is forwarded (llhttp rejects it; RFC 9112 3: SHOULD answer 400)")
 @pytest.mark.parametrize("target", [b"foo", b"example.test:80"], ids=["foo", "authority"])
-def test_bug_target_form_is_refused(fuzz_env, target):
+def test_fixed_target_form_is_refused(fuzz_env, target):
     # `GET foo HTTP/1.1`: not origin-form (no leading /), not an absolute-URI llhttp reads;
     # `GET example.test:80 HTTP/1.1`: authority-form, only for CONNECT (RFC 9112 3.2.3).
     # proxyd forwards both verbatim; routing takes the path from the target ("foo" never matches
@@ -171,10 +164,8 @@ def test_bug_target_form_is_refused(fuzz_env, target):
     assert _own(x.received).status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="proxyd bug P-HEAD-ERROR-BODY: its own error answer to HEAD has content "
-                                       "(RFC 9110 9.3.2: the server MUST NOT send content in response to HEAD)")
 @pytest.mark.parametrize("which", ["own 400", "own 502"])
-def test_bug_own_answer_to_head_has_no_content(fuzz_env, which):
+def test_fixed_own_answer_to_head_has_no_content(fuzz_env, which):
     marker = fuzz_env.new_marker()
     if which == "own 400":   # no Host: proxyd's own 400
         x = fuzz_env.exchange(b"HEAD /" + marker + b" HTTP/1.1\r\nX-Fuzz-Case: " + marker + b"\r\n\r\n",
@@ -187,10 +178,8 @@ def test_bug_own_answer_to_head_has_no_content(fuzz_env, which):
     assert x.received.endswith(b"\r\n\r\n"), f"content after the head: {x.received!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="proxyd bug B-PARTIAL-CHUNK-LINE: an unterminated chunk-size line is "
-                                       "relayed before it is checked (RFC 9112 7.1: chunk-size = 1*HEXDIG)")
 @pytest.mark.parametrize("direction", ["request", "response"])
-def test_bug_bad_chunk_line_is_not_relayed(fuzz_env, direction):
+def test_fixed_bad_chunk_line_is_not_relayed(fuzz_env, direction):
     marker = fuzz_env.new_marker()
     if direction == "request":
         # `zz-not-a-size` and no CRLF after it (then the client's FIN): proxyd forwards it to
@@ -208,11 +197,9 @@ def test_bug_bad_chunk_line_is_not_relayed(fuzz_env, direction):
         assert b"zz-not" not in x.received, f"the client got: {x.received!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="proxyd bug B-TRAILER-FRAMING: Content-Length/Transfer-Encoding trailer "
-                                       "fields are forwarded (llhttp rejects; RFC 9110 6.5.1 forbids them)")
 @pytest.mark.parametrize("direction", ["request", "response"])
 @pytest.mark.parametrize("field", [b"Content-Length: 5", b"Transfer-Encoding: chunked"], ids=["CL", "TE"])
-def test_bug_framing_trailer_is_not_relayed(fuzz_env, direction, field):
+def test_fixed_framing_trailer_is_not_relayed(fuzz_env, direction, field):
     marker = fuzz_env.new_marker()
     body = b"5\r\nhello\r\n0\r\n" + field + b"\r\n\r\n"
     if direction == "request":
@@ -222,7 +209,7 @@ def test_bug_framing_trailer_is_not_relayed(fuzz_env, direction, field):
     else:
         x = fuzz_env.exchange(b"GET /" + marker + b" HTTP/1.1\r\nHost: example.test\r\n\r\n",
                               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, marker)
-        assert field not in x.received, f"the client got: {x.received!r}"
+        assert b"\r\n" + field + b"\r\n" not in x.received, f"the client got: {x.received!r}"
 
 
 # ------------------------------------------------------- the checker can fail
