@@ -63,6 +63,7 @@ class Log:
         self.backlog = bytearray()    # the part of the lines the sink could not take yet
         self.dropped = 0              # lines dropped since the sink was last able to take them
         self.mid_line = False         # the last byte written did not end a line
+        self.regular_file = False     # the sink is a file (a cut line can be taken back)
         self._second = -1
         self._prefix = ""
         self.open()
@@ -86,6 +87,8 @@ class Log:
             self.sock.setblocking(False)
         else:
             self.fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self.sock is None:
+            self.regular_file = stat.S_ISREG(os.fstat(self.fd).st_mode)
 
     def _connect_stream(self) -> None:
         """Syslog over TCP (newline-framed, RFC 6587): a non-blocking connect;
@@ -176,12 +179,34 @@ class Log:
             if self.stream is not None:
                 self._stream_failed()
             return  # the sink is gone (EPIPE, EIO, ENOSPC): nothing to wait for
+        if 0 < written < len(data):
+            written = self._uncut(data, written)
         if written:
             self.mid_line = data[written - 1] != 0x0A
         if written < len(data):
             self._keep(data[written:])
         elif self.dropped:
             self._say_dropped()
+
+    def _uncut(self, data, written: int) -> int:
+        """A short write to a log file (ENOSPC) cut a line: take its head back
+        out of the file, so that the file holds whole lines only and the line
+        goes again, whole, from the backlog.  Returns how much of DATA stays
+        written.  With O_APPEND our offset is the end of our write; if the
+        file is still that long nobody appended since (on a full filesystem
+        nobody can), and the cut head is ours to truncate.  Other sinks
+        (pipes, sockets) go on from where they stopped: nothing was cut."""
+        whole = data.rfind(b"\n", 0, written) + 1
+        if whole == written or not self.regular_file:
+            return written
+        try:
+            end = os.lseek(self.fd, 0, os.SEEK_CUR)
+            if os.fstat(self.fd).st_size != end:
+                return written
+            os.ftruncate(self.fd, end - (written - whole))
+        except OSError:
+            return written
+        return whole
 
     def _keep(self, data: bytes) -> None:
         """Keep the whole lines that fit in the backlog; count the rest as dropped."""
@@ -203,6 +228,8 @@ class Log:
             self.dropped += self.backlog.count(b"\n")
             self.backlog.clear()
             return False
+        if 0 < written < len(self.backlog):
+            written = self._uncut(self.backlog, written)
         if written:
             self.mid_line = self.backlog[written - 1] != 0x0A
         del self.backlog[:written]
