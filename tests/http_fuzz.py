@@ -1229,6 +1229,9 @@ CATEGORIES = {c.id: c for c in [
              "and answers 400 (a recipient MAY accept a bare LF; it need not)"),
     Category("R-SIZE", "RFC 9112 3, RFC 9110 15.5.15, RFC 6585 5",
              "request line over max_request_line (414) or head over max_header_size (431); llhttp has no limit"),
+    Category("R-ASTERISK-FORM", "RFC 9112 3.2.4",
+             "the asterisk-form target `*` with a method other than OPTIONS: it is only used for a server-wide "
+             "OPTIONS request, so proxyd answers 400 (an invalid request-line, RFC 9112 3); llhttp accepts it"),
     Category("R-CONNECT", "RFC 9110 9.3.6, 15.6.2",
              "CONNECT: proxyd answers 501 (not a forward proxy); llhttp reads it as an upgrade"),
     # proxyd forwards, llhttp rejects
@@ -1350,6 +1353,8 @@ def request_rejection_categories(raw: bytes, m: LlMessage, status: int) -> list[
         found.append("R-CHUNK-SIZE-DIGITS")
     if status == 400 and m.chunked:
         found += chunk_line_categories(raw[head_end + 4:])
+    if status == 400 and m.url == b"*" and m.method != b"OPTIONS":
+        found.append("R-ASTERISK-FORM")
     low = m.url[:8].lower()
     if status == 400 and low.startswith((b"http://", b"https://")) and hosts:
         authority = m.url.split(b"://", 1)[1].split(b"/", 1)[0].rsplit(b"@", 1)[-1].lower()

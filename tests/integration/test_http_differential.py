@@ -72,6 +72,7 @@ M = hf.MARK
 GET = b"GET /" + M + b" HTTP/1.1\r\nHost: example.test\r\nX-Fuzz-Case: " + M + b"\r\n"
 
 REQUEST_VECTORS = {
+    "R-ASTERISK-FORM": b"GET * HTTP/1.1\r\nHost: example.test\r\nX-Fuzz-Case: " + M + b"\r\n\r\n",
     "R-VERSION": b"GET /" + M + b" HTTP/2.0\r\nHost: example.test\r\n\r\n",
     "R-HOST": b"GET /" + M + b" HTTP/1.1\r\nX-Fuzz-Case: " + M + b"\r\n\r\n",
     "R-AUTHORITY": b"GET http://other.test/" + M + b" HTTP/1.1\r\nHost: example.test\r\n\r\n",
