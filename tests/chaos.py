@@ -269,7 +269,12 @@ class TcpPlan:
             return False
         if self.client in TCP_WAITERS:
             return True
-        return self.client in ("close_early", "reset_down") and self.server in TCP_READS_FIRST
+        # A client that resets throws away what is still in flight (a reset
+        # discards the receiving socket's queue, and proxyd resets the server
+        # on a client reset): only one that waited for a byte of the answer,
+        # which such a server sends after the whole request, is owed it.
+        waited = self.client == "close_early" or (self.client == "reset_down" and self.client_at > 0)
+        return waited and self.server in TCP_READS_FIRST
 
     @property
     def volume(self) -> int:

@@ -85,6 +85,21 @@ def test_plans_are_a_function_of_seed_and_index():
     assert sum(next(steps)[1] for _ in range(10_000)) <= chaos.SLOW_BUDGET + 0.03  # pauses are bounded
 
 
+def test_a_client_that_resets_at_once_is_not_owed_its_upload():
+    """Seed 12345, session 28601 (a 30-minute run): a TCP client that sent
+    8.8 MB and reset without waiting for a byte of the answer, its server
+    stalled; the server got 8.1 MB.  What was still in flight when the
+    client reset is the client's to lose (the reset discards proxyd's
+    receive queue; proxyd resets the server on a client reset, as PRODUCT.md
+    says), so the checker now owes the upload only to a client that waited
+    for the start of the answer, which such a server sends after it has
+    read the whole request."""
+    pace = chaos.Pace("burst", 1)
+    plan = chaos.TcpPlan(28601, 0x6fba0, 2, 8760891, 64, "reset_down", 0, pace, pace, 0, "stall", 0, pace)
+    assert not plan.owed_up
+    assert chaos.TcpPlan(28601, 0x6fba0, 2, 8760891, 64, "reset_down", 1, pace, pace, 0, "stall", 0, pace).owed_up
+
+
 # Known proxyd defects (chaos.KNOWN) that a fixed-seed run may hit, being
 # races: counted and printed, not failed on here, each pinned by its own
 # strict xfail tests below.  Take an entry out once its defect is fixed.
