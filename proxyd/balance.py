@@ -1,6 +1,9 @@
 """Server selection: roundrobin (smooth weighted), leastconn, source, random, first.
 
-Each worker balances on its own.  Backup servers are used only when no
+Each worker chooses on its own, from what shared memory says now of every
+server: its health (the control process's checks), its admin state and
+weight (the runtime API), and for leastconn every worker's sessions on it.
+Backup servers are used only when no
 active (non-backup) server is usable.  A server with weight 0 gets nothing
 unless every usable server has weight 0.  `tried` lets a retry go to a
 server not yet attempted for this session when there is one.
@@ -12,31 +15,52 @@ import random
 import zlib
 
 from proxyd.config import BackendConfig, ServerConfig
+from proxyd.shared import DOWN, READY
 
 
 class Server:
-    """A server as one worker sees it: its config and its live counts."""
+    """A server as one worker sees it: its config, its record in shared
+    memory (health, admin state, weight, every worker's session count) and
+    this worker's own count."""
 
-    __slots__ = ("config", "name", "sockaddr", "family", "weight", "active", "current", "up")
+    __slots__ = ("config", "name", "sockaddr", "family", "weight", "active", "current", "record",
+                 "shared", "slot")
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, backend: str, shared, slot: int):
         self.config = config
         self.name = config.name
         self.sockaddr = config.address.sockaddr
         self.family = config.address.family
-        self.weight = config.weight
+        self.weight = config.weight   # the effective weight, as last read from shared memory
         self.active = 0     # sessions connected or connecting to it, in this worker
         self.current = 0    # smooth weighted round robin state
-        self.up = True
+        self.shared = shared
+        self.slot = slot
+        self.record = shared.servers[f"{backend}/{config.name}"]
 
     def usable(self) -> bool:
-        return self.up and (self.config.maxconn == 0 or self.active < self.config.maxconn)
+        """Up (or unchecked), ready (not drain or maint), with a free slot;
+        reads the record now, so a change is seen by the next choice."""
+        state, admin, self.weight = self.shared.server_state(self.record)
+        return state != DOWN and admin == READY and (self.config.maxconn == 0 or self.active < self.config.maxconn)
+
+    def opened(self) -> None:
+        self.active += 1
+        self.shared.add_session(self.record, self.slot, 1)
+
+    def closed(self) -> None:
+        self.active -= 1
+        self.shared.add_session(self.record, self.slot, -1)
+
+    def sessions(self) -> int:
+        """Its sessions from every worker."""
+        return self.shared.server_sessions(self.record)
 
 
 class Balancer:
-    def __init__(self, backend: BackendConfig, worker_number: int = 1):
+    def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int = 1):
         self.backend = backend
-        self.servers = [Server(s) for s in backend.servers]
+        self.servers = [Server(s, backend.name, shared, slot) for s in backend.servers]
         self.pick = getattr(self, "_" + backend.balance)
         # Each worker balances alone; starting each one's round robin further
         # along keeps workers from all sending their first connections to the
@@ -75,7 +99,8 @@ class Balancer:
         return best
 
     def _leastconn(self, pool, client_ip):
-        return min(pool, key=lambda s: (s.active / (s.weight or 1), s.current)) if pool else None
+        # Every worker's sessions count, read from shared memory.
+        return min(pool, key=lambda s: (s.sessions() / (s.weight or 1), s.current)) if pool else None
 
     def _source(self, pool, client_ip):
         # Hash of the client address over the weighted pool: the same client

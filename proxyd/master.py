@@ -25,9 +25,10 @@ import traceback
 from dataclasses import dataclass
 
 from proxyd import config as config_module
+from proxyd.control import Control
 from proxyd.listeners import BindError, Listeners
 from proxyd.log import Log
-from proxyd.shared import Shared
+from proxyd.shared import READY, Shared
 from proxyd.worker import Worker
 
 try:
@@ -75,6 +76,13 @@ class Master:
         self.previous = None        # (config, count, generation) while a reload is pending
         self.stopping = ""          # "", "fast" or "graceful"
         self.pid = os.getpid()
+        self.started = time.time()
+        self.control: WorkerProcess | None = None   # the control process (checks, runtime API)
+        self.control_wanted = True  # one should run (a reload waits for the old one to exit first)
+        self.control_respawn_at = 0.0
+        self.control_failures = 0
+        self.admin = AdminSocket(log)
+        self._assign_servers(config, self.generation)
 
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -85,9 +93,11 @@ class Master:
             signal.signal(sig, _no_op)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.log.info(f"master started (pid {self.pid}), {self.count} workers")
+        self.admin.bind(self.config.global_.admin_socket)
         for slot in range(self.count):
             self._spawn(slot)
-        while self.workers or not self.stopping:
+        self._control_due()
+        while self.workers or self.control or not self.stopping:
             select.select([wake_r], [], [], self._sleep_time())
             try:
                 numbers = os.read(wake_r, 256)
@@ -98,6 +108,8 @@ class Master:
             self._reap()
             self._check_workers()
             self._respawn_due()
+            self._control_due()
+        self.admin.close()
         self.log.info("master exiting")
         return 0
 
@@ -141,13 +153,18 @@ class Master:
                 os._exit(code)
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, time.monotonic(), shared_slot)
 
-    def _worker_main(self, slot: int, shared_slot: int) -> int:
-        """In the child: shed the master's state, drop privileges, run the loop."""
+    def _shed_master_state(self) -> None:
+        """In a child: the master's signal handling and wake-up pipe are not its own."""
         signal.set_wakeup_fd(-1)
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         for fd in self.wake_fds:
             os.close(fd)
+
+    def _worker_main(self, slot: int, shared_slot: int) -> int:
+        """In the child: shed the master's state, drop privileges, run the loop."""
+        self._shed_master_state()
+        self.admin.close_in_child()
         setproctitle(f"proxyd: worker {slot + 1}/{self.count} gen {self.generation}")
         self.log.set_tag("proxyd")
         mine = self.listeners.for_slot(self.config, slot, self.count)
@@ -169,10 +186,14 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.control is not None and pid == self.control.pid:
+                self._control_exited(status)
+                continue
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
             self.shared.release(worker.shared_slot)
+            self._free_unused_records()
             how = describe_exit(status)
             name = f"worker {worker.slot + 1} gen {worker.generation} (pid {pid})"
             if worker.draining or self.stopping:
@@ -223,6 +244,13 @@ class Master:
             elif worker.retire_at and now >= worker.retire_at:
                 worker.retire_at = 0.0
                 self._drain([worker])
+        control = self.control
+        if control is not None and not control.draining:
+            beat = self.shared.heartbeat(control.shared_slot)
+            if now - (beat if beat > 0 else control.started) > timeout:
+                self.log.error(f"control process (pid {control.pid}) has not answered for "
+                               f"{now - (beat if beat > 0 else control.started):.1f}s; killing it")
+                self._signal([control], signal.SIGKILL)
         if self.previous and all(w.ready for w in self.workers.values() if w.generation == self.generation):
             self._promote()
 
@@ -239,6 +267,79 @@ class Master:
             worker.draining = True
             worker.deadline = time.monotonic() + grace + STOP_TIMEOUT
         self._signal(workers, signal.SIGQUIT)
+
+    # ------------------------------------------------------------ shared server records
+    def _assign_servers(self, config, generation: int) -> None:
+        """Records for CONFIG's servers before GENERATION is forked (see shared.py)."""
+        keys = [f"{b.name}/{s.name}" for b in config.backends.values() for s in b.servers]
+        weights = {f"{b.name}/{s.name}": s.weight for b in config.backends.values() for s in b.servers}
+        self.shared.assign(keys, generation, lambda key: (READY, weights[key]))
+
+    def _free_unused_records(self) -> None:
+        generations = [w.generation for w in self.workers.values()]
+        if self.control is not None:
+            generations.append(self.control.generation)
+        self.shared.free_retired(min(generations, default=self.last_generation + 1))
+
+    # ------------------------------------------------------------ the control process
+    def _control_due(self) -> None:
+        """Start the control process when one is wanted, none runs, and its
+        backoff (if it keeps dying) has passed."""
+        if (self.control is None and self.control_wanted and not self.stopping
+                and time.monotonic() >= self.control_respawn_at):
+            self._spawn_control()
+
+    def _spawn_control(self) -> None:
+        shared_slot = self.shared.allocate(0.0)
+        info = {"master_pid": self.pid, "started": self.started, "workers": self.count,
+                "generation": self.generation}
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._shed_master_state()
+                setproctitle(f"proxyd: control gen {self.generation}")
+                self.log.set_tag("proxyd")
+                self.admin.path = None   # the master's to unlink, never this process's
+                for sock in self.listeners.sockets.values():
+                    sock.close()
+                drop_privileges(self.config.global_.user, self.config.global_.group)
+                code = Control(self.config, self.log, self.shared, shared_slot, self.admin.sock, info).run()
+            except BaseException:
+                self.log.error(f"control process failed:\n{traceback.format_exc().rstrip()}")
+            finally:
+                self.log.flush()
+                os._exit(code)
+        self.control = WorkerProcess(pid, -1, self.generation, time.monotonic(), shared_slot)
+
+    def _control_exited(self, status: int) -> None:
+        control, self.control = self.control, None
+        self.shared.release(control.shared_slot)
+        how = describe_exit(status)
+        if control.draining or self.stopping:
+            self.log.info(f"control process (pid {control.pid}) exited: {how}")
+        else:
+            quick = time.monotonic() - control.started < QUICK_DEATH
+            self.control_failures = self.control_failures + 1 if quick else 0
+            delay = 0.0 if self.control_failures <= 1 else \
+                min(BACKOFF_FIRST * 2 ** (self.control_failures - 2), BACKOFF_MAX)
+            self.control_respawn_at = time.monotonic() + delay
+            self.log.warning(f"control process (pid {control.pid}) died: {how}; respawning in {delay:g}s")
+        self._free_unused_records()
+
+    def _restart_control(self) -> None:
+        """A new configuration: the old control process stops, and the new one
+        starts once it has exited (one writer per record at any time)."""
+        self.control_wanted = True
+        self.control_failures = 0
+        self.control_respawn_at = 0.0
+        self._stop_control()
+
+    def _stop_control(self) -> None:
+        if self.control is not None and not self.control.draining:
+            self.control.draining = True
+            self.control.deadline = time.monotonic() + STOP_TIMEOUT
+            self._signal([self.control], signal.SIGTERM)
 
     # ------------------------------------------------------------ reload
     def reload(self) -> None:
@@ -264,6 +365,9 @@ class Master:
         self.generation = self.last_generation
         self.respawn_at.clear()
         self.failures.clear()
+        self._assign_servers(new, self.generation)
+        self.admin.bind(new.global_.admin_socket)
+        self._restart_control()
         self.log.info(f"reloading {self.config_path}: generation {self.generation}, {count} workers")
         for slot in range(count):
             self._spawn(slot)
@@ -289,8 +393,12 @@ class Master:
             worker.deadline = time.monotonic() + STOP_TIMEOUT
         self._signal(failed, signal.SIGTERM)
         self.previous = None
+        aborted = self.generation
         self.config, self.count, self.generation = config, count, generation
         self.listeners.close_unused(config)
+        self._assign_servers(config, aborted + 1)   # the aborted generation's records go once it has
+        self.admin.bind(config.global_.admin_socket)
+        self._restart_control()
 
     def _limit_draining_generations(self) -> None:
         """Reloads in quick succession: past max_draining old generations, stop the oldest."""
@@ -343,6 +451,7 @@ class Master:
                 worker.draining = True
                 worker.deadline = time.monotonic() + STOP_TIMEOUT
             self._signal(self.workers.values(), signal.SIGTERM)
+            self._stop_control()
 
     def stop_graceful(self) -> None:
         """QUIT: stop accepting now, let sessions finish within grace."""
@@ -354,6 +463,7 @@ class Master:
             # are gone and new connections are refused rather than left queued.
             self.listeners.close_all()
             self._drain([w for w in self.workers.values() if not w.draining])
+            self._stop_control()
 
 
 def describe_exit(status: int) -> str:
@@ -393,3 +503,64 @@ def limit_files(ulimit_n: int) -> None:
 
 def _no_op(signum, frame) -> None:
     """Signals are read from the wake-up fd by the main loop."""
+
+
+class AdminSocket:
+    """The runtime API's listening unix socket, bound and kept by the master
+    (so it survives control processes), served by the control process."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.path: str | None = None
+        self.sock = None
+
+    def bind(self, path: str | None, mode: int = 0o600) -> None:
+        """Bind PATH (a reload that changes it moves the socket; one that
+        keeps it keeps the very same socket)."""
+        if path == self.path:
+            return
+        self.close()
+        if path is None:
+            return
+        import socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            if os.path.exists(path) and not _socket_alive(path):
+                os.unlink(path)    # left by a proxyd that did not exit cleanly
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, mode)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            return self.log.error(f"admin socket {path}: {e.strerror}; the runtime API is not available")
+        self.sock, self.path = sock, path
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.sock, self.path = None, None
+
+    def close_in_child(self) -> None:
+        """A worker has no business with it (and must not unlink it)."""
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _socket_alive(path: str) -> bool:
+    import socket
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -1,37 +1,203 @@
-"""Memory shared by the master and its workers: an anonymous mmap made before fork.
+"""Memory shared by the master and every process it forks: one anonymous
+MAP_SHARED mmap, made by the master before its first fork.
 
-One fixed-size record per worker process, written only by that worker and
-read by the master (heartbeat).  No locks: each record has one writer, and a
-torn read of a float is harmless for a liveness check done once a second.
+How a process finds the layout, however long after the mmap was made:
+every process is forked from the master, so it inherits the same mapping
+and, as plain Python state, the master's index of it (`Shared.servers`:
+"backend/server" -> record number) as it stood at the fork.  The master
+is the only allocator: on a reload it assigns records for the new
+configuration *before* forking that generation, so a new worker (or a new
+control process) finds every server of its configuration in the index it
+was born with.  Records never move; a removed server's record is freed
+only once no process that knew it is alive.  Each record carries its
+name, so a reader can tell a record from another.
+
+The regions, in order (offsets in LAYOUT):
+
+  HEADER     the master: high-water mark of process slots in use.
+  PROCS      one per process slot (workers and the control process): pid and
+             heartbeat, written by that process only.
+  SERVERS    one per server record, written by the control process only once
+             the record is live (the master writes it while no one else can
+             see it: when it allocates or frees it): name, health state
+             (up/down, consecutive results, last check status, duration and
+             reason, last change), admin state (ready/drain/maint) and
+             effective weight.  A sequence number, odd while a write is under
+             way, lets a reader retry a torn read (a seqlock with one writer).
+  SESSIONS   int32 per (server record, process slot): that process's sessions
+             on that server.  Each slot has one writer, the process in it; the
+             master zeroes a dead process's column before the slot is reused.
+             Readers sum a server's row over the slots in use: no lock
+             anywhere on the data path.
+
+Counters for the stats (issue "See it") get a region of their own after
+these; the layout is one table, so a region can be added without moving
+the others' meaning.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import time
 
-RECORD = struct.Struct("=qd")   # pid, last heartbeat (time.monotonic(), same clock in all processes)
-RECORDS = 1024                  # worker processes alive at once, all generations together
+PROC = struct.Struct("=qd")            # pid, heartbeat (time.monotonic(): one clock for all processes)
+SERVER = struct.Struct("=I64sBBHHhId96sBHdH")
+# seq, name, state, checked, rise_count, fall_count, last status code,
+# check duration ms, last check time (time.time()), reason (status and
+# info), admin state, effective weight, last change (time.time()), the
+# configured weight it was last set from
+HEADER = struct.Struct("=I")            # process slots in use: [0, high water)
+MAX_PROCS = 1024                        # processes alive at once, all generations together
+MAX_SERVERS = 4096                      # server records alive at once, all generations together
+
+UNCHECKED, UP, DOWN = 0, 1, 2           # operational state (UNCHECKED: no health_check = up)
+READY, DRAIN, MAINT = 0, 1, 2           # admin state
+STATE_NAMES = {UNCHECKED: "UP", UP: "UP", DOWN: "DOWN"}
+ADMIN_NAMES = {READY: "ready", DRAIN: "drain", MAINT: "maint"}
+
+
+def _layout() -> dict[str, tuple[int, int]]:
+    """region -> (offset, size): the one table every process reads the memory by."""
+    sizes = {"header": HEADER.size, "procs": PROC.size * MAX_PROCS, "servers": SERVER.size * MAX_SERVERS,
+             "sessions": 4 * MAX_PROCS * MAX_SERVERS}
+    layout, offset = {}, 0
+    for name, size in sizes.items():
+        layout[name] = (offset, size)
+        offset += (size + 7) & ~7
+    layout["end"] = (offset, 0)
+    return layout
+
+
+LAYOUT = _layout()
+ZERO_ROW = memoryview(bytearray(4 * MAX_PROCS)).cast("i")
+
+
+class ServerState:
+    """One read of a server record (a snapshot; never written back)."""
+
+    __slots__ = ("name", "state", "checked", "rise", "fall", "code", "duration", "checked_at", "reason",
+                 "admin", "weight", "changed_at", "config_weight")
+
+    def __init__(self, fields):
+        (_, name, self.state, self.checked, self.rise, self.fall, self.code, self.duration, self.checked_at,
+         reason, self.admin, self.weight, self.changed_at, self.config_weight) = fields
+        self.name = name.rstrip(b"\0").decode()
+        self.reason = reason.rstrip(b"\0").decode(errors="replace")
+
+    @property
+    def up(self) -> bool:
+        return self.state != DOWN
 
 
 class Shared:
-    def __init__(self, records: int = RECORDS):
-        self.records = records
-        self.memory = mmap.mmap(-1, RECORD.size * records)
-        self.free = list(range(records - 1, -1, -1))
+    def __init__(self):
+        self.memory = mmap.mmap(-1, LAYOUT["end"][0])
+        self.free_procs = list(range(MAX_PROCS - 1, -1, -1))
+        self.free_servers = list(range(MAX_SERVERS - 1, -1, -1))
+        self.servers: dict[str, int] = {}   # "backend/server" -> record (the master's index)
+        self.retired: dict[str, tuple[int, int]] = {}   # removed by a reload: key -> (record, generation)
+        self.sessions = memoryview(self.memory)[LAYOUT["sessions"][0]:][:LAYOUT["sessions"][1]].cast("i")
 
-    # master side
+    # ------------------------------------------------------------ processes
     def allocate(self, now: float) -> int:
-        index = self.free.pop()
-        RECORD.pack_into(self.memory, index * RECORD.size, 0, now)
+        """Master: a process slot for a child about to be forked."""
+        index = self.free_procs.pop()
+        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, 0, now)
+        high = HEADER.unpack_from(self.memory, 0)[0]
+        if index >= high:
+            HEADER.pack_into(self.memory, 0, index + 1)
         return index
 
     def release(self, index: int) -> None:
-        self.free.append(index)
+        """Master: the process in INDEX is gone (reaped): its sessions column
+        goes back to zero, then the slot can be given again."""
+        for record in [*self.servers.values(), *(r for r, _ in self.retired.values())]:
+            self.sessions[record * MAX_PROCS + index] = 0
+        self.free_procs.append(index)
 
     def heartbeat(self, index: int) -> float:
-        return RECORD.unpack_from(self.memory, index * RECORD.size)[1]
+        return PROC.unpack_from(self.memory, LAYOUT["procs"][0] + index * PROC.size)[1]
 
-    # worker side
     def beat(self, index: int, now: float, pid: int = 0) -> None:
-        RECORD.pack_into(self.memory, index * RECORD.size, pid, now)
+        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, pid, now)
+
+    def high_water(self) -> int:
+        return HEADER.unpack_from(self.memory, 0)[0]
+
+    # ------------------------------------------------------------ servers (master)
+    def assign(self, keys: list[str], generation: int, initial) -> None:
+        """Master, before forking GENERATION: a record for each "backend/server"
+        of KEYS.  A kept server keeps its record (state, weight, counts), even
+        one removed by a reload and brought back before its record was freed;
+        a new one gets a fresh record set by INITIAL(key) -> (admin, weight)."""
+        for key in keys:
+            if key in self.servers:
+                continue
+            record, _ = self.retired.pop(key, (None, 0))
+            if record is None:
+                record = self.free_servers.pop()
+                admin, weight = initial(key)
+                self._write_fresh(record, key, admin, weight)
+            self.servers[key] = record
+        for key in [k for k in self.servers if k not in keys]:
+            self.retired[key] = (self.servers.pop(key), generation)
+
+    def free_retired(self, oldest_alive: int) -> None:
+        """Master: records retired when a generation newer than every live
+        process came in are known to no one any more: zero them and free them."""
+        for key, (record, generation) in list(self.retired.items()):
+            if generation <= oldest_alive:
+                del self.retired[key]
+                self._write_fresh(record, "", READY, 0)
+                start = record * MAX_PROCS
+                self.sessions[start:start + MAX_PROCS] = ZERO_ROW
+                self.free_servers.append(record)
+
+    def _write_fresh(self, record: int, key: str, admin: int, weight: int) -> None:
+        # A new server starts up, one failed check from down (HAProxy's
+        # start-up state): traffic flows at once, and a dead server is
+        # marked down by its first check.
+        SERVER.pack_into(self.memory, self._server_offset(record), 0, key.encode()[:64], UNCHECKED, 0, 0, 0, 0,
+                         0, 0.0, b"", admin, weight, time.time(), weight)
+
+    # ------------------------------------------------------------ servers (everyone)
+    def _server_offset(self, record: int) -> int:
+        return LAYOUT["servers"][0] + record * SERVER.size
+
+    def read_server(self, record: int) -> ServerState:
+        """A consistent snapshot of RECORD (retried while its writer is in it)."""
+        offset = self._server_offset(record)
+        while True:
+            fields = SERVER.unpack_from(self.memory, offset)
+            if fields[0] & 1 == 0 and SERVER.unpack_from(self.memory, offset)[0] == fields[0]:
+                return ServerState(fields)
+
+    def write_server(self, record: int, **changes) -> None:
+        """The control process (the record's one writer): change some fields."""
+        offset = self._server_offset(record)
+        seq, name, *rest = SERVER.unpack_from(self.memory, offset)
+        current = dict(zip(ServerState.__slots__[1:], rest))
+        current.update(changes)
+        if isinstance(current["reason"], str):
+            current["reason"] = current["reason"].encode(errors="replace")[:96]
+        struct.pack_into("=I", self.memory, offset, seq + 1)   # odd: a write is under way
+        SERVER.pack_into(self.memory, offset, seq + 1, name, *(current[k] for k in ServerState.__slots__[1:]))
+        struct.pack_into("=I", self.memory, offset, seq + 2)
+
+    def server_state(self, record: int) -> tuple[int, int, int]:
+        """(operational state, admin state, weight): what a worker needs to
+        choose, read without the seqlock (three aligned small fields, each
+        written whole; a read between them is at worst one change late)."""
+        fields = SERVER.unpack_from(self.memory, self._server_offset(record))
+        return fields[2], fields[10], fields[11]
+
+    # ------------------------------------------------------------ sessions per server
+    def add_session(self, record: int, slot: int, delta: int) -> None:
+        """A process changes its own count on a server (its own cell only)."""
+        self.sessions[record * MAX_PROCS + slot] += delta
+
+    def server_sessions(self, record: int) -> int:
+        """Sessions on RECORD from every process."""
+        start = record * MAX_PROCS
+        return sum(self.sessions[start:start + self.high_water()])

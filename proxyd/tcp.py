@@ -281,7 +281,7 @@ def connect_next(worker, backend, client_ip: str, tried: list) -> tuple:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = sock.connect_ex(server.sockaddr)
         if result in (0, errno.EINPROGRESS):
-            server.active += 1
+            server.opened()
             if worker.starved:
                 worker.resources_back("ports")
             return server, sock
@@ -297,7 +297,7 @@ def abandon_attempt(loop, side: Side, server) -> None:
     close (no TIME_WAIT, nothing to reset); the server has one session less."""
     loop.forget(side.fd)
     side.sock.close()
-    server.active -= 1
+    server.closed()
 
 
 def ioctl_int(fd: int, request: int) -> int:
@@ -575,7 +575,7 @@ class TcpSession:
         if server is not None:
             loop.forget(server.fd)
             server.close(reset_server)
-            self.server_ref.active -= 1
+            self.server_ref.closed()
         loop.forget(self.client.fd)
         self.client.sock.close()
         up, down = self.up, self.down

@@ -90,10 +90,10 @@ class BufferPool:
 
 
 class Backend:
-    def __init__(self, config: BackendConfig, worker_number: int):
+    def __init__(self, config: BackendConfig, shared, slot: int, worker_number: int):
         self.name = config.name
         self.config = config
-        self.balancer = Balancer(config, worker_number)
+        self.balancer = Balancer(config, shared, slot, worker_number)
 
 
 class Frontend:
@@ -182,7 +182,7 @@ class Worker:
         self.paused_until = 0.0
         self.fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1 - FD_HEADROOM
         self.starved: dict[str, list] = {}  # "fds" | "ports" -> [since, failures]: one episode each
-        self.backends = {name: Backend(b, number) for name, b in config.backends.items()}
+        self.backends = {name: Backend(b, shared, shared_slot, number) for name, b in config.backends.items()}
         self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]

@@ -655,7 +655,7 @@ class HttpSession:
         if server is not None:
             self.loop.forget(server.fd)
             server.close(reset)
-            self.server_ref.active -= 1
+            self.server_ref.closed()
 
     # ------------------------------------------------------------ timers
     def _arm(self, when: float) -> None:
