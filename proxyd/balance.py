@@ -24,7 +24,7 @@ class Server:
     this worker's own count."""
 
     __slots__ = ("config", "name", "sockaddr", "family", "weight", "active", "current", "record",
-                 "shared", "slot")
+                 "shared", "slot", "slots", "maxconn", "slot_freed")
 
     def __init__(self, config: ServerConfig, backend: str, shared, slot: int):
         self.config = config
@@ -37,30 +37,49 @@ class Server:
         self.shared = shared
         self.slot = slot
         self.record = shared.servers[f"{backend}/{config.name}"]
+        self.maxconn = config.maxconn
+        self.slots = shared.slots[self.record] if config.maxconn else None
 
     def usable(self) -> bool:
-        """Up (or unchecked), ready (not drain or maint), with a free slot;
-        reads the record now, so a change is seen by the next choice."""
+        """Up (or unchecked) and ready (not drain or maint), read from the
+        record now, so a change is seen by the next choice."""
         state, admin, self.weight = self.shared.server_state(self.record)
-        return state != DOWN and admin == READY and (self.config.maxconn == 0 or self.active < self.config.maxconn)
+        return state != DOWN and admin == READY
+
+    def full(self) -> bool:
+        """At its maxconn by every worker's count (taking a slot decides)."""
+        return self.slots is not None and self.sessions() >= self.maxconn
+
+    def take_slot(self) -> bool:
+        """A connection slot under maxconn, from all workers' pool; then opened()."""
+        return self.slots is None or self.slots.take()
 
     def opened(self) -> None:
         self.active += 1
         self.shared.add_session(self.record, self.slot, 1)
 
     def closed(self) -> None:
+        """The session let go of it: the count first, then the slot (see shared.py)."""
         self.active -= 1
         self.shared.add_session(self.record, self.slot, -1)
+        if self.slots is not None:
+            self.slots.give(1)
+            self.slot_freed()
 
     def sessions(self) -> int:
         """Its sessions from every worker."""
         return self.shared.server_sessions(self.record)
 
 
+QUEUE = object()   # choose(): every usable server is at its maxconn: wait for a slot
+
+
 class Balancer:
-    def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int = 1):
+    def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int = 1, slot_freed=None):
         self.backend = backend
         self.servers = [Server(s, backend.name, shared, slot) for s in backend.servers]
+        for server in self.servers:
+            server.slot_freed = slot_freed or (lambda: None)
         self.pick = getattr(self, "_" + backend.balance)
         # Each worker balances alone; starting each one's round robin further
         # along keeps workers from all sending their first connections to the
@@ -69,18 +88,27 @@ class Balancer:
             for _ in range((worker_number - 1) % len(self.servers)):
                 self.choose("")
 
-    def candidates(self, tried) -> list[Server]:
+    def candidates(self, tried, full=()):
+        """The servers to choose from: the active ones that are up and ready
+        or, if there are none, the backups; of those, the ones with a free
+        slot (QUEUE if there is none: HAProxy queues rather than spill over
+        to backups), preferring ones not yet tried, then weight > 0."""
         for backup in (False, True):
             pool = [s for s in self.servers if s.config.backup == backup and s.usable()]
-            fresh = [s for s in pool if s not in tried]
-            pool = fresh or pool
-            if pool:
-                weighted = [s for s in pool if s.weight > 0]
-                return weighted or pool
+            if not pool:
+                continue
+            pool = [s for s in pool if s not in full and not s.full()]
+            if not pool:
+                return QUEUE
+            pool = [s for s in pool if s not in tried] or pool
+            return [s for s in pool if s.weight > 0] or pool
         return []
 
-    def choose(self, client_ip: str, tried=()) -> Server | None:
-        pool = self.candidates(tried)
+    def choose(self, client_ip: str, tried=(), full=()):
+        """A server, None when none is usable, or QUEUE."""
+        pool = self.candidates(tried, full)
+        if pool is QUEUE:
+            return QUEUE
         return self.pick(pool, client_ip) if pool else None
 
     # --------------------------------------------------------- algorithms

@@ -109,6 +109,7 @@ class Master:
             self._check_workers()
             self._respawn_due()
             self._control_due()
+            self.shared.collect_debts()
         self.admin.close()
         self.log.info("master exiting")
         return 0
@@ -271,9 +272,9 @@ class Master:
     # ------------------------------------------------------------ shared server records
     def _assign_servers(self, config, generation: int) -> None:
         """Records for CONFIG's servers before GENERATION is forked (see shared.py)."""
-        keys = [f"{b.name}/{s.name}" for b in config.backends.values() for s in b.servers]
-        weights = {f"{b.name}/{s.name}": s.weight for b in config.backends.values() for s in b.servers}
-        self.shared.assign(keys, generation, lambda key: (READY, weights[key]))
+        servers = {f"{b.name}/{s.name}": s for b in config.backends.values() for s in b.servers}
+        self.shared.assign({key: s.maxconn for key, s in servers.items()}, generation,
+                           lambda key: (READY, servers[key].weight))
 
     def _free_unused_records(self) -> None:
         generations = [w.generation for w in self.workers.values()]

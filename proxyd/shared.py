@@ -30,6 +30,18 @@ The regions, in order (offsets in LAYOUT):
              Readers sum a server's row over the slots in use: no lock
              anywhere on the data path.
 
+A server's `maxconn` is kept for all processes together by the kernel, not
+by the mmap: the master makes a pipe holding one byte per free connection
+slot (SlotPipe).  A worker takes a slot with a non-blocking one-byte read
+and gives it back with a one-byte write: the kernel makes both atomic, so
+the bound holds exactly with no lock and no compare-and-swap (which Python
+has no way to do on shared memory), at two syscalls per session on a
+limited server only.  A worker with sessions queued for a full server
+watches the pipe's read end: a slot freed by any process wakes it.  Worst
+case: a process killed between taking a slot and counting it loses that
+one slot (the master gives back what a dead process's counts say it held),
+so the bound errs on the safe side and is never exceeded.
+
 Counters for the stats (issue "See it") get a region of their own after
 these; the layout is one table, so a region can be added without moving
 the others' meaning.
@@ -37,7 +49,9 @@ the others' meaning.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
 import struct
 import time
 
@@ -90,6 +104,59 @@ class ServerState:
         return self.state != DOWN
 
 
+class SlotPipe:
+    """A server's free connection slots, one byte each, in a pipe every process inherits."""
+
+    def __init__(self, limit: int):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, max(limit, 4096))
+        except OSError:
+            pass   # above fs.pipe-max-size: the slots beyond the pipe's size are not given
+        self.limit = 0
+        self.debt = 0      # slots to take back (the limit went down while they were in use)
+        self.set_limit(limit)
+
+    def set_limit(self, limit: int) -> None:
+        """Master: a reload changed the server's maxconn."""
+        if limit > self.limit:
+            give = limit - self.limit
+            paid = min(give, self.debt)
+            self.debt -= paid
+            self.give(give - paid)
+        else:
+            self.debt += self.limit - limit
+            self.collect_debt()
+        self.limit = limit
+
+    def collect_debt(self) -> None:
+        """Master: take back what a lowered limit owes, as slots come free."""
+        while self.debt:
+            try:
+                self.debt -= len(os.read(self.r, min(self.debt, 65536)))
+            except BlockingIOError:
+                return
+
+    def give(self, count: int) -> None:
+        data = b"s" * count
+        while data:
+            try:
+                data = data[os.write(self.w, data):]
+            except BlockingIOError:
+                return   # the pipe is full: it holds as many slots as it can
+
+    def take(self) -> bool:
+        """A worker: one slot, if one is free now."""
+        try:
+            return bool(os.read(self.r, 1))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
 class Shared:
     def __init__(self):
         self.memory = mmap.mmap(-1, LAYOUT["end"][0])
@@ -97,6 +164,7 @@ class Shared:
         self.free_servers = list(range(MAX_SERVERS - 1, -1, -1))
         self.servers: dict[str, int] = {}   # "backend/server" -> record (the master's index)
         self.retired: dict[str, tuple[int, int]] = {}   # removed by a reload: key -> (record, generation)
+        self.slots: dict[int, SlotPipe] = {}   # record -> its maxconn slots (servers with a maxconn)
         self.sessions = memoryview(self.memory)[LAYOUT["sessions"][0]:][:LAYOUT["sessions"][1]].cast("i")
 
     # ------------------------------------------------------------ processes
@@ -113,7 +181,10 @@ class Shared:
         """Master: the process in INDEX is gone (reaped): its sessions column
         goes back to zero, then the slot can be given again."""
         for record in [*self.servers.values(), *(r for r, _ in self.retired.values())]:
+            held = self.sessions[record * MAX_PROCS + index]
             self.sessions[record * MAX_PROCS + index] = 0
+            if held > 0 and record in self.slots:
+                self.slots[record].give(held)
         self.free_procs.append(index)
 
     def heartbeat(self, index: int) -> float:
@@ -126,21 +197,28 @@ class Shared:
         return HEADER.unpack_from(self.memory, 0)[0]
 
     # ------------------------------------------------------------ servers (master)
-    def assign(self, keys: list[str], generation: int, initial) -> None:
+    def assign(self, limits: dict[str, int], generation: int, initial) -> None:
         """Master, before forking GENERATION: a record for each "backend/server"
-        of KEYS.  A kept server keeps its record (state, weight, counts), even
-        one removed by a reload and brought back before its record was freed;
-        a new one gets a fresh record set by INITIAL(key) -> (admin, weight)."""
-        for key in keys:
-            if key in self.servers:
-                continue
-            record, _ = self.retired.pop(key, (None, 0))
+        of LIMITS (key -> maxconn).  A kept server keeps its record (state,
+        weight, counts, slots), even one removed by a reload and brought back
+        before its record was freed; a new one gets a fresh record set by
+        INITIAL(key) -> (admin, weight)."""
+        for key, limit in limits.items():
+            record = self.servers.get(key)
+            if record is None:
+                record, _ = self.retired.pop(key, (None, 0))
             if record is None:
                 record = self.free_servers.pop()
                 admin, weight = initial(key)
                 self._write_fresh(record, key, admin, weight)
             self.servers[key] = record
-        for key in [k for k in self.servers if k not in keys]:
+            slots = self.slots.get(record)
+            if slots is not None:
+                slots.set_limit(limit)   # 0: no limit from now on; the pipe stays for who still uses it
+            elif limit:
+                # A limit set by a reload counts the sessions opened from now on.
+                self.slots[record] = SlotPipe(limit)
+        for key in [k for k in self.servers if k not in limits]:
             self.retired[key] = (self.servers.pop(key), generation)
 
     def free_retired(self, oldest_alive: int) -> None:
@@ -150,9 +228,17 @@ class Shared:
             if generation <= oldest_alive:
                 del self.retired[key]
                 self._write_fresh(record, "", READY, 0)
+                slots = self.slots.pop(record, None)
+                if slots is not None:
+                    slots.close()
                 start = record * MAX_PROCS
                 self.sessions[start:start + MAX_PROCS] = ZERO_ROW
                 self.free_servers.append(record)
+
+    def collect_debts(self) -> None:
+        for slots in self.slots.values():
+            if slots.debt:
+                slots.collect_debt()
 
     def _write_fresh(self, record: int, key: str, admin: int, weight: int) -> None:
         # A new server starts up, one failed check from down (HAProxy's

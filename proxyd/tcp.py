@@ -38,6 +38,7 @@ import socket
 import struct
 import termios
 
+from proxyd.balance import QUEUE
 from proxyd.loop import IN, OUT, TROUBLE
 
 CONNECTING, RELAYING, ACK_WAIT, CLOSED = "connecting", "relaying", "ack-wait", "closed"
@@ -267,25 +268,35 @@ def connect_next(worker, backend, client_ip: str, tried: list) -> tuple:
     Returns (server, socket), or (None, (term, error)) once no server is left
     to try: a connect that fails at once (no source port: EADDRNOTAVAIL) goes
     on to the next server, `retries` times at most, never in a busy loop.
+    (None, ("Q", ...)): every usable server is at its maxconn; the caller
+    waits in the backend's queue for a slot.
     """
+    full = []
     while True:
-        server = backend.balancer.choose(client_ip, tried)
+        server = backend.balancer.choose(client_ip, tried, full)
+        if server is QUEUE:
+            return None, ("Q", "queued")
         if server is None:
             return None, ("SC", "no server available")
+        if not server.take_slot():
+            full.append(server)   # another worker took its last slot first
+            continue
+        server.opened()
         tried.append(server)
         try:
             sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:
+            server.closed()
             worker.out_of_resources("fds", "connect", e.errno)
             return None, ("RC", errno_name(e.errno))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = sock.connect_ex(server.sockaddr)
         if result in (0, errno.EINPROGRESS):
-            server.opened()
             if worker.starved:
                 worker.resources_back("ports")
             return server, sock
         sock.close()
+        server.closed()
         if result in RESOURCE_ERRORS:
             worker.out_of_resources("ports" if result == errno.EADDRNOTAVAIL else "fds", "connect", result)
         if len(tried) > backend.config.retries:
@@ -310,7 +321,8 @@ class TcpSession:
     __slots__ = (
         "worker", "loop", "frontend", "backend", "client", "server", "peer", "server_ref",
         "up", "down", "state", "tried", "started", "attempt_started", "connect_ms",
-        "timer_at", "ack_poll", "unacked", "term", "err", "on_client", "on_server", "__weakref__",
+        "timer_at", "ack_poll", "unacked", "term", "err", "on_client", "on_server", "queued_until",
+        "__weakref__",
     )
 
     def __init__(self, worker, frontend, sock: socket.socket, peer: tuple):
@@ -360,17 +372,35 @@ class TcpSession:
         self.err = ""
         self.on_client = self._client_ready
         self.on_server = self._server_ready
+        self.queued_until = 0.0   # waiting in the backend's queue for a server slot, until then
 
     # ------------------------------------------------------------ connecting
     def _connect(self) -> None:
         server, sock = connect_next(self.worker, self.backend, self.peer[0], self.tried)
         if server is None:
+            if sock[0] == "Q":
+                return self._queue()
             return self._end(*sock)
+        self.queued_until = 0.0
         self.server_ref = server
         self.server = Side(sock, self.loop.now)
         self.attempt_started = self.loop.now
         self.loop.add(self.server.fd, self.on_server)
         self._arm(self.loop.now + self.backend.config.timeout_connect)
+
+    def _queue(self) -> None:
+        """Every usable server is at its maxconn: wait for a slot (in FIFO
+        order, behind those already waiting), up to timeout_queue."""
+        again = bool(self.queued_until)
+        if not again:
+            self.queued_until = self.loop.now + self.backend.config.timeout_queue
+            self._arm(self.queued_until)
+        self.backend.wait(self, front=again)
+
+    def slot_free(self) -> None:
+        """The backend's queue: a slot may be free now; try again."""
+        if self.state is CONNECTING and self.server is None:
+            self._connect()
 
     def _connect_failed(self, err: int, code: str = "") -> None:
         abandon_attempt(self.loop, self.server, self.server_ref)
@@ -503,7 +533,9 @@ class TcpSession:
             expiry, code = self._expiry()
         if now < expiry:
             return self._arm(expiry)
-        if self.state is CONNECTING:
+        if self.state is CONNECTING and self.queued_until:
+            self._end("sQ", "queue timeout")
+        elif self.state is CONNECTING:
             self._connect_failed(errno.ETIMEDOUT, "sC")
         elif self.state is RELAYING and (self.up.ended or self.down.ended):
             # One side closed and the other stayed silent: the code keeps who
@@ -530,6 +562,8 @@ class TcpSession:
     def _expiry(self) -> tuple[float, str]:
         """When this session times out in its current state, and the code it gets."""
         if self.state is CONNECTING:
+            if self.queued_until:
+                return self.queued_until, "sQ"
             return self.attempt_started + self.backend.config.timeout_connect, "sC"
         client, server = self.client, self.server
         timeout_server = self.backend.config.timeout_server
@@ -570,6 +604,8 @@ class TcpSession:
         if self.state is CLOSED:
             return
         self.state = CLOSED
+        if self.queued_until:
+            self.backend.leave(self)
         loop = self.loop
         server = self.server
         if server is not None:

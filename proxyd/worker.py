@@ -16,11 +16,12 @@ import signal
 import socket
 import termios
 import traceback
+from collections import deque
 
 from proxyd.balance import Balancer
 from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
-from proxyd.loop import IN, Loop
+from proxyd.loop import EDGE, IN, Loop
 from proxyd.http.session import HttpSession
 from proxyd.tcp import INF, CopyPump, Pump, TcpSession, ioctl_int
 
@@ -90,10 +91,63 @@ class BufferPool:
 
 
 class Backend:
-    def __init__(self, config: BackendConfig, shared, slot: int, worker_number: int):
+    """A backend as one worker sees it: its balancer, and its queue of
+    sessions waiting for a server slot (every usable server at its maxconn).
+
+    The queue is FIFO per worker; the bound itself is global (shared.py's
+    slot pipes).  A slot freed here is offered to the queue at once; one
+    freed by another worker wakes this one through the slot pipes, which
+    the loop watches only while something waits."""
+
+    def __init__(self, config: BackendConfig, shared, slot: int, worker_number: int, loop: Loop):
         self.name = config.name
         self.config = config
-        self.balancer = Balancer(config, shared, slot, worker_number)
+        self.loop = loop
+        self.balancer = Balancer(config, shared, slot, worker_number, self._slot_freed)
+        self.queue: deque = deque()
+        self.watched = [s.slots.r for s in self.balancer.servers if s.slots is not None]
+        self.watching = False
+
+    def wait(self, session, front: bool = False) -> None:
+        if front:
+            self.queue.appendleft(session)
+        else:
+            self.queue.append(session)
+        if not self.watching:
+            self.watching = True
+            # Edge-triggered: woken by each slot given back, not by the
+            # slots a down server has free (level-triggered would spin).
+            for fd in self.watched:
+                self.loop.add(fd, self._pipe_ready, EDGE)
+
+    def leave(self, session) -> None:
+        try:
+            self.queue.remove(session)
+        except ValueError:
+            pass   # being retried right now (taken off the queue)
+        self._unwatch_if_empty()
+
+    def _slot_freed(self) -> None:
+        if self.queue:
+            self.loop.soon(self.offer_slots)
+
+    def _pipe_ready(self, mask: int) -> None:
+        self.offer_slots()
+
+    def offer_slots(self) -> None:
+        """Queued sessions try again, oldest first, until one has to wait again."""
+        while self.queue:
+            session = self.queue.popleft()
+            session.slot_free()
+            if self.queue and self.queue[0] is session:
+                break   # no slot for it after all: it is first again, and waits
+        self._unwatch_if_empty()
+
+    def _unwatch_if_empty(self) -> None:
+        if self.watching and not self.queue:
+            self.watching = False
+            for fd in self.watched:
+                self.loop.remove(fd)
 
 
 class Frontend:
@@ -182,7 +236,8 @@ class Worker:
         self.paused_until = 0.0
         self.fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1 - FD_HEADROOM
         self.starved: dict[str, list] = {}  # "fds" | "ports" -> [since, failures]: one episode each
-        self.backends = {name: Backend(b, shared, shared_slot, number) for name, b in config.backends.items()}
+        self.backends = {name: Backend(b, shared, shared_slot, number, self.loop)
+                         for name, b in config.backends.items()}
         self.frontends = {name: Frontend(f, self.backends[f.backend], log)
                           for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
@@ -232,6 +287,9 @@ class Worker:
         if self.paused_until and self.loop.now >= self.paused_until:
             self.paused_until = 0.0
             self._resume_accepting()
+        for backend in self.backends.values():
+            if backend.queue:   # a server that came up or got a weight has slots no pipe event announced
+                backend.offer_slots()
         if self.stopping and self.loop.now >= self.stop_deadline:
             self.log.warning(f"grace expired with {len(self.sessions)} sessions open; closing them")
             return self.stop()

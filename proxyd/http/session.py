@@ -150,7 +150,7 @@ class Exchange:
 
     __slots__ = ("request", "backend", "started", "head_at", "connected_at", "sent_at", "response_at",
                  "status", "up", "down", "own_page", "response", "client_keepalive",
-                 "line", "interim")
+                 "line", "interim", "queued_until")
 
     def __init__(self, now: float):
         self.request: Message | None = None
@@ -165,6 +165,7 @@ class Exchange:
         self.client_keepalive = False
         self.line = "-"
         self.interim = 0        # 1xx responses relayed so far
+        self.queued_until = 0.0  # waiting in the backend's queue for a server slot, until then
 
 
 class HttpSession:
@@ -361,13 +362,31 @@ class HttpSession:
         server, sock = connect_next(self.worker, x.backend, self.peer[0], self.tried)
         if server is None:
             term, err = sock
+            if term == "Q":
+                return self._queue()
             self.err = err
             return self._reject(503, err, term[0] + "C")  # no server could take it
+        x.queued_until = 0.0
         self.server_ref = server
         self.server = Side(sock, self.loop.now)
         self.attempt_started = self.loop.now
         self.loop.add(self.server.fd, self.on_server)
         self._arm(self.loop.now + x.backend.config.timeout_connect)
+
+    def _queue(self) -> None:
+        """Every usable server is at its maxconn: wait for a slot (FIFO),
+        up to timeout_queue, then 503."""
+        x = self.x
+        again = bool(x.queued_until)
+        if not again:
+            x.queued_until = self.loop.now + x.backend.config.timeout_queue
+            self._arm(x.queued_until)
+        x.backend.wait(self, front=again)
+
+    def slot_free(self) -> None:
+        """The backend's queue: a slot may be free now; try again."""
+        if self.state is CONNECTING and self.server is None:
+            self._connect()
 
     def _connect_failed(self, err: int, timed_out: bool = False) -> None:
         """This attempt failed; the request, head and body, waits for the next one."""
@@ -646,7 +665,11 @@ class HttpSession:
     def _drop_server(self, reset: bool) -> None:
         """The exchange with the server is over, whatever its end: let go of
         its socket and of the pipes and buffers between the two."""
-        for pump in (self.x.up, self.x.down):
+        x = self.x
+        if x.queued_until:
+            x.queued_until = 0.0
+            x.backend.leave(self)
+        for pump in (x.up, x.down):
             if pump is not None:
                 pump.close()
         self.sbuf.clear()
@@ -683,6 +706,8 @@ class HttpSession:
             if not self.inbuf and self.requests and self.x.started <= self.idle_since:
                 return self.idle_since + config.timeout_http_keep_alive, self._keepalive_timeout
             return x.started + config.timeout_http_request, self._request_timeout
+        if self.state is CONNECTING and x.queued_until:
+            return x.queued_until, lambda: self._reject(503, "queue timeout", "sQ")
         if self.state is CONNECTING:
             return (self.attempt_started + x.backend.config.timeout_connect,
                     lambda: self._connect_failed(errno.ETIMEDOUT, timed_out=True))
