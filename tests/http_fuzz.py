@@ -1260,6 +1260,9 @@ CATEGORIES = {c.id: c for c in [
              "recipient that merges trailers into the head (6.5.2 forbids it, some do) would re-frame the "
              "message.  proxyd answers 502 (or cuts the response); llhttp accepts a Transfer-Encoding trailer "
              "in a response (it rejects one in a request, and Content-Length in both)"),
+    Category("S-STATUS-RANGE", "RFC 9110 15",
+             "a status code outside 100..599 (`099`, `600`, `999`): invalid, to be processed as a 5xx; proxyd "
+             "answers 502, llhttp accepts any three digits (and reads a 0xx as final or not by its own rules)"),
     Category("S-STATUS-NO-SP", "RFC 9112 4",
              "status line without the SP after the status code (`HTTP/1.1 200`): required by the grammar; "
              "proxyd answers 502, llhttp accepts"),
@@ -1585,6 +1588,8 @@ def response_rejection_categories(server: bytes, s: LlResult, case: ResponseCase
     status_line = case.response.head().split(b"\r\n", 1)[0]
     if re.fullmatch(rb"HTTP/1\.[01] \d{3}", status_line):
         found.append("S-STATUS-NO-SP")
+    if re.match(rb"HTTP/1\.[01] (0\d\d|[6-9]\d\d)", status_line):
+        found.append("S-STATUS-RANGE")
     if re.fullmatch(rb"HTTP/1\.[01] \d{3} .*[\x00-\x08\x0a-\x1f\x7f].*", status_line, re.DOTALL):
         found.append("S-REASON-CTL")
     if not status_line.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")) or final.version not in ("1.0", "1.1"):

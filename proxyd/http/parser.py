@@ -153,6 +153,11 @@ def parse_response(head: bytes) -> Message:
     message = Message()
     message.version = 10 if match.group(1) == b"0" else 11
     message.status = int(match.group(2))
+    if not 100 <= message.status <= 599:
+        # RFC 9110 15: outside 100..599 a status is invalid, to be taken as a
+        # server error; a 0xx read as final by one side and as interim (or
+        # as having a body) by another frames the stream two ways.
+        raise HttpError(502, "status code out of range")
     _headers(message, lines[1:], 502)
     _framing(message, 502, is_request=False)
     if message.status == 101:

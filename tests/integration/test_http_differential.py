@@ -97,6 +97,7 @@ REQUEST_VECTORS = {
 
 RESPONSE_VECTORS = {
     "S-STATUS-NO-SP": b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    "S-STATUS-RANGE": b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\nok",
     "S-REASON-CTL": b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok",
     "S-VERSION": b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
     "S-TE-NOT-CHUNKED": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nthe body until close",
