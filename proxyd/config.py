@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -134,44 +135,122 @@ def log_target(raw: Any, path: str) -> str:
                             f"\"syslog:HOST:PORT\" or an absolute file path, got {value!r}")
 
 
+LITERAL_FORMS = '"IPv4:port" or "[IPv6]:port"'
+SERVER_FORMS = '"IPv4:port", "[IPv6]:port" or "name:port"'
+
+# A host name as resolvers take it: dot-separated labels of letters, digits,
+# "-" and "_" (found in /etc/hosts and service names), an optional final dot.
+# A last label of digits only makes it a malformed IPv4 address, not a name.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$)(?:{_LABEL}\.)*(?!\d+\.?$){_LABEL}\.?$")
+
+
 @dataclass(frozen=True)
 class Address:
-    """An IP literal and a port: "127.0.0.1:80", "[::1]:80", ":80" (all IPv4)."""
+    """Where to listen or connect: "127.0.0.1:80", "[::1]:80", ":80" (all
+    IPv4), and for servers also "name:port".
+
+    host, port, family, sockaddr and str() are the first address.  resolved
+    is every (family, sockaddr) the address stands for, in the resolver's
+    order: an IP literal stands for itself only, a name for every address it
+    had when the file was loaded.  name is the host name as written, "" for
+    a literal.
+    """
 
     host: str
     port: int
     family: int  # socket.AF_INET or socket.AF_INET6
+    resolved: tuple[tuple[int, tuple], ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.resolved:
+            object.__setattr__(self, "resolved", ((self.family, (self.host, self.port)),))
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.family == 10 else f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
 
     @property
     def sockaddr(self) -> tuple:
-        return (self.host, self.port)
+        return self.resolved[0][1]
+
+    @property
+    def written(self) -> str:
+        """The address as the file gave it: "localhost:8081" for a name."""
+        return f"{self.name}:{self.port}" if self.name else str(self)
 
     @classmethod
-    def parse(cls, raw: Any, path: str) -> "Address":
-        expected = 'expected "IPv4:port" or "[IPv6]:port"'
-        if not isinstance(raw, str):
-            raise ConfigError(path, f"{expected}, got {raw!r}")
-        if raw.startswith("["):
-            host, sep, port = raw[1:].partition("]:")
-        else:
-            host, sep, port = raw.rpartition(":")
-            host = host or "0.0.0.0"
-        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-            raise ConfigError(path, f"{expected}, got {raw!r}")
+    def parse(cls, raw: Any, path: str, forms: str = LITERAL_FORMS) -> "Address":
+        """An IP literal and a port (listening addresses never take names)."""
+        host, port, bracketed = _split_host_port(raw, path, forms)
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            raise ConfigError(path, f"{host!r} is not an IP address ({expected}, got {raw!r})") from None
-        if raw.startswith("[") != (ip.version == 6):
-            raise ConfigError(path, f"{expected}, got {raw!r}")
-        return cls(str(ip), int(port), 10 if ip.version == 6 else 2)
+            raise ConfigError(path, f"{host!r} is not an IP address (expected {forms}, got {raw!r})") from None
+        if bracketed != (ip.version == 6):
+            raise ConfigError(path, f"expected {forms}, got {raw!r}")
+        return cls(str(ip), port, socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+
+    @classmethod
+    def resolve(cls, raw: Any, path: str) -> "Address":
+        """A server address: an IP literal, or a host name looked up now."""
+        host, port, bracketed = _split_host_port(raw, path, SERVER_FORMS)
+        if bracketed or _is_ip(host):
+            return cls.parse(raw, path, SERVER_FORMS)
+        if not _HOST_NAME.match(host):
+            raise ConfigError(path, f"{host!r} is not an IP address or a host name "
+                                    f"(expected {SERVER_FORMS}, got {raw!r})")
+        resolved = _resolve(host, port, path)
+        family, sockaddr = resolved[0]
+        return cls(sockaddr[0], port, family, resolved, host)
 
 
-def address(raw: Any, path: str) -> Address:
-    return Address.parse(raw, path)
+def _split_host_port(raw: Any, path: str, forms: str) -> tuple[str, int, bool]:
+    """(host, port, bracketed) of "host:port" or "[host]:port"; ":port" is 0.0.0.0."""
+    if not isinstance(raw, str):
+        raise ConfigError(path, f"expected {forms}, got {raw!r}")
+    bracketed = raw.startswith("[")
+    if bracketed:
+        host, sep, port = raw[1:].partition("]:")
+    else:
+        host, sep, port = raw.rpartition(":")
+        host = host or "0.0.0.0"
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(path, f"expected {forms}, got {raw!r}")
+    return host, int(port), bracketed
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str, port: int, path: str) -> tuple[tuple[int, tuple], ...]:
+    """Every address of HOST from the system resolver (/etc/hosts, DNS), in
+    its order (RFC 6724, as connect() should try them), each once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(path, f'cannot resolve "{host}": {e.strerror}') from None
+    resolved = {}
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            resolved.setdefault((int(family), _plain_sockaddr(sockaddr)), None)
+    if not resolved:
+        raise ConfigError(path, f'cannot resolve "{host}": no IPv4 or IPv6 address')
+    return tuple(resolved)
+
+
+def _plain_sockaddr(sockaddr: tuple) -> tuple:
+    """(host, port), as a literal's; an IPv6 flow label or scope is kept only when set."""
+    return tuple(sockaddr) if len(sockaddr) == 4 and (sockaddr[2] or sockaddr[3]) else tuple(sockaddr[:2])
+
+
+def server_address(raw: Any, path: str) -> Address:
+    return Address.resolve(raw, path)
 
 
 def bind_list(raw: Any, path: str) -> tuple[Address, ...]:
@@ -299,9 +378,10 @@ BACKEND_KEYS = (
 
 SERVER_KEYS = (
     Key("name", name, REQUIRED, "server name, unique in its backend"),
-    Key("address", address, REQUIRED, '"IPv4:port" or "[IPv6]:port"'),
+    Key("address", server_address, REQUIRED, '"IPv4:port", "[IPv6]:port" or "name:port"'),
     Key("weight", integer(0, 256), 1, "share of new connections; 0 = none unless all others are 0"),
-    Key("maxconn", integer(0, 1_000_000), 0, "concurrent connections per worker, 0 = no limit"),
+    Key("maxconn", integer(0, 1_000_000), 0,
+        "concurrent connections from all workers together, 0 = no limit"),
     Key("backup", boolean, False, "used only when no non-backup server is available"),
 )
 

@@ -341,7 +341,7 @@ def test_bad_server_address_error_names_the_key_path():
     """)
     assert e.path == "backends.app.servers[1].address"
     assert str(e) == ("backends.app.servers[1].address: "
-                      "expected \"IPv4:port\" or \"[IPv6]:port\", got '10.0.0.1'")
+                      "expected \"IPv4:port\", \"[IPv6]:port\" or \"name:port\", got '10.0.0.1'")
 
 
 def test_load_error_carries_file_and_key_path(tmp_path):
@@ -351,7 +351,7 @@ def test_load_error_carries_file_and_key_path(tmp_path):
         config.load(str(path))
     # the message `proxyd --check` prints after "proxyd: " (docs/CONTRACT.md)
     assert str(info.value) == (f"{path}: backends.app.servers[0].address: "
-                               "expected \"IPv4:port\" or \"[IPv6]:port\", got '10.0.0.1'")
+                               "expected \"IPv4:port\", \"[IPv6]:port\" or \"name:port\", got '10.0.0.1'")
     assert info.value.filename == str(path)
 
 
