@@ -26,7 +26,9 @@ def parse_args(argv):
 
 
 def fail(message: str) -> int:
-    print(f"proxyd: {message}", file=sys.stderr)
+    """Say MESSAGE on stderr, each line (one per problem) after "proxyd: "."""
+    for line in message.splitlines() or [""]:
+        print(f"proxyd: {line}", file=sys.stderr)
     return 1
 
 
@@ -92,18 +94,19 @@ def check_accounts(config) -> None:
     import grp
     import pwd
 
+    errors = []
     if config.global_.user:
         try:
             pwd.getpwnam(config.global_.user)
         except KeyError:
-            raise config_module.ConfigError("global.user", f"no such user {config.global_.user!r}",
-                                            config.filename) from None
+            errors.append(config_module.ConfigError("global.user", f"no such user {config.global_.user!r}"))
     if config.global_.group:
         try:
             grp.getgrnam(config.global_.group)
         except KeyError:
-            raise config_module.ConfigError("global.group", f"no such group {config.global_.group!r}",
-                                            config.filename) from None
+            errors.append(config_module.ConfigError("global.group", f"no such group {config.global_.group!r}"))
+    if errors:
+        raise config_module.ConfigErrors(errors, config.filename)
 
 
 def read_pid(pidfile: str) -> int:

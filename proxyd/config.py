@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, Callable
 
 try:
@@ -35,6 +36,37 @@ class ConfigError(Exception):
         where = f"{self.filename}: " if self.filename else ""
         key = f"{self.path}: " if self.path else ""
         return f"{where}{key}{self.message}"
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        """The problems this error stands for: itself (see ConfigErrors)."""
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Every independent problem found in one file, in file order.
+
+    str() is one line per problem.  path, message and filename are the first
+    problem's, so that a caller written for one ConfigError still works.
+    """
+
+    def __init__(self, errors: list[ConfigError], filename: str = ""):
+        unique = {}
+        for error in errors:
+            # a bad value in [defaults] is met once per section that inherits it
+            unique.setdefault((error.path, error.message), error)
+        self._errors = list(unique.values())
+        for error in self._errors:
+            error.filename = filename or error.filename
+        first = self._errors[0]
+        super().__init__(first.path, first.message, first.filename)
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self._errors)
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return self._errors
 
 
 # ---------------------------------------------------------------- value parsers
@@ -257,11 +289,25 @@ def bind_list(raw: Any, path: str) -> tuple[Address, ...]:
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list) or not items:
         raise ConfigError(path, f"expected an address or a non-empty list of addresses, got {raw!r}")
-    addresses = tuple(Address.parse(item, f"{path}[{i}]") for i, item in enumerate(items))
-    for i, addr in enumerate(addresses):
-        if addr in addresses[:i]:
-            raise ConfigError(f"{path}[{i}]", f"{addr} is listed twice")
-    return addresses
+    addresses = _parse_each(Address.parse, [(item, f"{path}[{i}]") for i, item in enumerate(items)])
+    errors = [ConfigError(f"{path}[{i}]", f"{addr} is listed twice")
+              for i, addr in enumerate(addresses) if addr in addresses[:i]]
+    if errors:
+        raise ConfigErrors(errors)
+    return tuple(addresses)
+
+
+def _parse_each(parse: Callable[[Any, str], Any], items: list[tuple[Any, str]]) -> list:
+    """parse(raw, path) for every item; one bad item does not hide the next."""
+    values, errors = [], []
+    for raw, path in items:
+        try:
+            values.append(parse(raw, path))
+        except ConfigError as e:
+            errors.extend(e.errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return values
 
 
 def send_proxy(raw: Any, path: str) -> str | None:
@@ -296,16 +342,18 @@ def host_name(raw: Any, path: str) -> str:
 def errorfiles(raw: Any, path: str) -> dict[int, str]:
     if not isinstance(raw, dict):
         raise ConfigError(path, f"expected a table of status = \"file\", got {raw!r}")
-    files = {}
-    for status, filename in raw.items():
-        key = f"{path}.{status}"
-        if not status.isdigit() or not 400 <= int(status) <= 599:
-            raise ConfigError(key, "expected an HTTP status code from 400 to 599")
-        filename = text(filename, key)
-        if not os.path.isfile(filename):
-            raise ConfigError(key, f"no such file: {filename}")
-        files[int(status)] = os.path.abspath(filename)  # a daemon runs from /
-    return files
+    items = [((status, filename), f"{path}.{status}") for status, filename in raw.items()]
+    return dict(_parse_each(_errorfile, items))
+
+
+def _errorfile(item: tuple[str, Any], path: str) -> tuple[int, str]:
+    status, filename = item
+    if not status.isdigit() or not 400 <= int(status) <= 599:
+        raise ConfigError(path, "expected an HTTP status code from 400 to 599")
+    filename = text(filename, path)
+    if not os.path.isfile(filename):
+        raise ConfigError(path, f"no such file: {filename}")
+    return int(status), os.path.abspath(filename)  # a daemon runs from /
 
 
 # ------------------------------------------------------------------ key tables
@@ -499,35 +547,36 @@ class Config:
 # ---------------------------------------------------------------------- loading
 
 def load(filename: str) -> Config:
-    """Read, parse and validate FILE; raise ConfigError naming the key path."""
+    """Read, parse and validate FILE; raise ConfigErrors naming every problem
+    (file, key path, what is wrong) in file order."""
     try:
         with open(filename, "rb") as f:
-            raw = tomllib.load(f)
+            source = f.read().decode()
     except OSError as e:
         raise ConfigError("", f"cannot read: {e.strerror}", filename) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("", f"invalid TOML: {e}", filename) from None
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError("", f"not UTF-8 text (TOML must be): line {line} has byte {e.object[e.start]:#04x}",
+                          filename) from None
     try:
-        return build(raw, filename)
-    except ConfigError as e:
-        e.filename = filename
-        raise
+        raw = tomllib.loads(source)
+    except tomllib.TOMLDecodeError as e:
+        # nothing below makes sense on a half-read file: this is the only error
+        raise ConfigError("", f"invalid TOML: {e}", filename) from None
+    return _build_or_raise(raw, filename, source)
 
 
 def build(raw: dict, filename: str = "") -> Config:
-    _check_keys(raw, {"global", "defaults", "frontends", "backends"}, "")
-    defaults = _table(raw.get("defaults", {}), "defaults")
-    inheritable = {k.name: k for k in FRONTEND_KEYS + BACKEND_KEYS if k.inheritable}
-    _check_keys(defaults, inheritable, "defaults")
+    """A Config from a parsed TOML table; raise ConfigErrors naming every problem."""
+    return _build_or_raise(raw, filename, "")
 
-    global_ = GlobalConfig(**_section(_table(raw.get("global", {}), "global"), GLOBAL_KEYS, "global"))
-    backends = {n: _backend(n, b, defaults) for n, b in _named_tables(raw, "backends").items()}
-    frontends = {n: _frontend(n, f, defaults) for n, f in _named_tables(raw, "frontends").items()}
-    if not frontends:
-        raise ConfigError("frontends", "at least one frontend is needed")
-    _check_references(frontends, backends)
-    _check_binds(frontends)
-    return Config(filename, global_, frontends, backends, _warnings(raw, defaults))
+
+def _build_or_raise(raw: dict, filename: str, source: str) -> Config:
+    builder = _Builder()
+    config = builder.config(raw, filename)
+    if builder.errors:
+        raise ConfigErrors(_in_file_order(builder.errors, raw, source), filename)
+    return config
 
 
 def _warnings(raw: dict, defaults: dict) -> tuple[str, ...]:
@@ -546,106 +595,311 @@ def _table(raw: Any, path: str) -> dict:
     return raw
 
 
-def _named_tables(raw: dict, section: str) -> dict:
-    tables = _table(raw.get(section, {}), section)
-    for table_name, value in tables.items():
-        name(table_name, f"{section}.{table_name}")
-        _table(value, f"{section}.{table_name}")
-    return tables
-
-
 def _did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f" (did you mean \"{close[0]}\"?)" if close else ""
 
 
-def _check_keys(raw: dict, known, path: str) -> None:
-    for key in raw:
-        if key not in known:
-            where = f"{path}.{key}" if path else key
-            raise ConfigError(where, f"unknown key{_did_you_mean(key, known)}")
+def _given(key: Key, raw: dict, defaults: dict | None) -> bool:
+    """Whether RAW sets KEY or inherits it from DEFAULTS."""
+    return key.name in raw or (defaults is not None and key.inheritable and key.name in defaults)
 
 
-def _section(raw: dict, keys: tuple[Key, ...], path: str, defaults: dict | None = None) -> dict:
-    """Typed values for KEYS from RAW, falling back to DEFAULTS then each key's default."""
-    _check_keys(raw, {k.name for k in keys}, path)
-    values = {}
-    for key in keys:
-        if key.name in raw:
-            value, where = raw[key.name], f"{path}.{key.name}"
-        elif defaults is not None and key.inheritable and key.name in defaults:
-            value, where = defaults[key.name], f"defaults.{key.name}"
-        elif key.default is REQUIRED:
-            raise ConfigError(f"{path}.{key.name}", "missing (this key is required)")
-        else:
-            values[key.name] = key.default if key.default is None or not key.parse else key.parse(key.default, path)
-            continue
-        values[key.name] = key.parse(value, where) if key.parse else value
-    return values
+def _key_value(key: Key, raw: dict, path: str, defaults: dict | None) -> Any:
+    """KEY's typed value: RAW's, else inherited from DEFAULTS, else KEY's default."""
+    if key.name in raw:
+        value, where = raw[key.name], f"{path}.{key.name}"
+    elif defaults is not None and key.inheritable and key.name in defaults:
+        value, where = defaults[key.name], f"defaults.{key.name}"
+    elif key.default is REQUIRED:
+        raise ConfigError(f"{path}.{key.name}", "missing (this key is required)")
+    else:
+        return key.default if key.default is None or not key.parse else key.parse(key.default, path)
+    return key.parse(value, where) if key.parse else value
 
 
-def _frontend(fe_name: str, raw: dict, defaults: dict) -> FrontendConfig:
-    path = f"frontends.{fe_name}"
-    values = _section(raw, FRONTEND_KEYS, path, defaults)
-    routes = values["routes"]
-    if not isinstance(routes, (list, tuple)):
-        raise ConfigError(f"{path}.routes", f"expected a list of tables, got {routes!r}")
-    if routes and values["mode"] != "http":
-        raise ConfigError(f"{path}.routes", "routes need mode = \"http\"")
-    values["routes"] = tuple(_route(r, f"{path}.routes[{i}]") for i, r in enumerate(routes))
+INVALID = object()  # a value that failed its check; the error is already recorded
+
+
+class _Builder:
+    """Turns the TOML dictionary into a Config, recording every independent
+    error on the way instead of stopping at the first: a value that fails
+    is left out, and only what depends on it goes unchecked.  Each method
+    returns its typed object, or INVALID when some part of it failed."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+        self.backend_names: set[str] | None = None  # None: [backends] unreadable, references unchecked
+        self.bound: dict[Address, str] = {}         # listening address -> the frontend that has it
+
+    def attempt(self, check: Callable, *args) -> Any:
+        """check(*args), or INVALID once its error is recorded."""
+        try:
+            return check(*args)
+        except ConfigError as e:
+            self.errors.extend(e.errors)
+            return INVALID
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append(ConfigError(path, message))
+
+    def table(self, raw: Any, path: str) -> dict | None:
+        value = self.attempt(_table, raw, path)
+        return None if value is INVALID else value
+
+    def check_keys(self, raw: dict, known, path: str) -> set[str]:
+        """Record each unknown key of RAW; return the known keys they were hinted at."""
+        hinted = set()
+        for key in raw:
+            if key not in known:
+                hint = difflib.get_close_matches(key, list(known), n=1)
+                hinted.update(hint)
+                self.fail(f"{path}.{key}" if path else key, f"unknown key{_did_you_mean(key, known)}")
+        return hinted
+
+    def section(self, raw: dict, keys: tuple[Key, ...], path: str, defaults: dict | None = None) -> dict:
+        """Typed values of KEYS from RAW; a key whose value fails is left out."""
+        return self.values(raw, keys, path, defaults, self.check_keys(raw, [k.name for k in keys], path))
+
+    def values(self, raw: dict, keys: tuple[Key, ...], path: str, defaults: dict | None, hinted: set[str]) -> dict:
+        values = {}
+        for key in keys:
+            if key.name in hinted and key.default is REQUIRED and not _given(key, raw, defaults):
+                continue  # "missing" would repeat the misspelling's own error
+            value = self.attempt(_key_value, key, raw, path, defaults)
+            if value is not INVALID:
+                values[key.name] = value
+        return values
+
+    @staticmethod
+    def complete(kind: type, values: dict, **fixed) -> Any:
+        """kind(**values, **fixed), or INVALID when a value is missing or failed."""
+        wanted = {f.name for f in dataclass_fields(kind)} - set(fixed)
+        if set(values) != wanted or any(v is INVALID for v in values.values()):
+            return INVALID
+        return kind(**values, **fixed)
+
+    # ------------------------------------------------------------ the file
+    def config(self, raw: dict, filename: str) -> Config | None:
+        self.check_keys(raw, ("global", "defaults", "frontends", "backends"), "")
+        defaults = self.defaults(raw.get("defaults", {}))
+        global_ = self.complete(GlobalConfig, self.global_table(raw.get("global", {})))
+        backend_tables = self.named_tables(raw, "backends")
+        frontend_tables = self.named_tables(raw, "frontends")
+        if defaults is None:
+            return None  # what every frontend and backend inherits is unknown
+        if backend_tables is not None:
+            self.backend_names = set(raw["backends"]) if "backends" in raw else set()
+        backends = {n: self.backend(n, t, defaults) for n, t in (backend_tables or {}).items()}
+        frontends = {n: self.frontend(n, t, defaults) for n, t in (frontend_tables or {}).items()}
+        if frontend_tables is not None and not raw.get("frontends"):
+            self.fail("frontends", "at least one frontend is needed")
+        if self.errors:
+            return None
+        return Config(filename, global_, frontends, backends, _warnings(raw, defaults))
+
+    def global_table(self, raw: Any) -> dict:
+        table = self.table(raw, "global")
+        return {} if table is None else self.section(table, GLOBAL_KEYS, "global")
+
+    def defaults(self, raw: Any) -> dict | None:
+        """[defaults], each value checked once here, whether inherited or not."""
+        table = self.table(raw, "defaults")
+        if table is None:
+            return None
+        inheritable = {k.name: k for k in FRONTEND_KEYS + BACKEND_KEYS if k.inheritable}
+        self.check_keys(table, inheritable, "defaults")
+        for key_name, value in table.items():
+            key = inheritable.get(key_name)
+            if key and key.parse:
+                self.attempt(key.parse, value, f"defaults.{key_name}")
+        if table.get("health_check") is not None:
+            self.health_check(table["health_check"], "defaults.health_check")
+        return table
+
+    def named_tables(self, raw: dict, section: str) -> dict | None:
+        """{name: table} of [SECTION.NAME] tables, None if SECTION is not a table."""
+        tables = self.table(raw.get(section, {}), section)
+        if tables is None:
+            return None
+        readable = {}
+        for table_name, value in tables.items():
+            self.attempt(name, table_name, f"{section}.{table_name}")
+            table = self.table(value, f"{section}.{table_name}")
+            if table is not None:
+                readable[table_name] = table
+        return readable
+
+    def check_reference(self, backend: Any, path: str) -> None:
+        if self.backend_names is not None and isinstance(backend, str) and backend not in self.backend_names:
+            self.fail(path, f"no backend named {backend!r}{_did_you_mean(backend, self.backend_names)}")
+
+    # ------------------------------------------------------------ frontends
+    def frontend(self, fe_name: str, raw: dict, defaults: dict) -> FrontendConfig:
+        path = f"frontends.{fe_name}"
+        values = self.section(raw, FRONTEND_KEYS, path, defaults)
+        self.check_reference(values.get("backend"), f"{path}.backend")
+        self.claim_binds(fe_name, values.get("bind", ()))
+        if "routes" in values:
+            values["routes"] = self.routes(values["routes"], values.get("mode"), f"{path}.routes")
+        _cap_http_timeouts(values, raw, defaults)
+        return self.complete(FrontendConfig, values, name=fe_name)
+
+    def claim_binds(self, fe_name: str, addresses: tuple[Address, ...]) -> None:
+        for i, addr in enumerate(addresses):
+            if addr in self.bound:
+                self.fail(f"frontends.{fe_name}.bind[{i}]", f"{addr} is already bound by frontend {self.bound[addr]!r}")
+            else:
+                self.bound[addr] = fe_name
+
+    def routes(self, raw: Any, mode: str | None, path: str) -> tuple[Route, ...]:
+        if not isinstance(raw, (list, tuple)):
+            self.fail(path, f"expected a list of tables, got {raw!r}")
+            return INVALID
+        if raw and mode not in (None, "http"):  # None: mode itself is wrong, already said
+            self.fail(path, "routes need mode = \"http\"")
+        routes = tuple(self.route(r, f"{path}[{i}]") for i, r in enumerate(raw))
+        return INVALID if any(r is INVALID for r in routes) else routes
+
+    def route(self, raw: Any, path: str) -> Route:
+        table = self.table(raw, path)
+        if table is None:
+            return INVALID
+        hinted = self.check_keys(table, [k.name for k in ROUTE_KEYS], path)
+        values = self.values(table, ROUTE_KEYS, path, None, hinted)
+        self.check_reference(values.get("backend"), f"{path}.backend")
+        if not {"host", "path_prefix"} & (set(table) | hinted):
+            self.fail(path, "a route needs host, path_prefix or both")
+            return INVALID
+        return self.complete(Route, values)
+
+    # ------------------------------------------------------------- backends
+    def backend(self, be_name: str, raw: dict, defaults: dict) -> BackendConfig:
+        path = f"backends.{be_name}"
+        values = self.section(raw, BACKEND_KEYS, path, defaults)
+        if "servers" in values:
+            values["servers"] = self.servers(values["servers"], f"{path}.servers")
+        if values.get("health_check") is not None:
+            where = f"{path}.health_check" if "health_check" in raw else "defaults.health_check"
+            values["health_check"] = self.health_check(values["health_check"], where)
+        return self.complete(BackendConfig, values, name=be_name)
+
+    def servers(self, raw: Any, path: str) -> tuple[ServerConfig, ...]:
+        if not isinstance(raw, list) or not raw:
+            self.fail(path, "expected a non-empty list of servers")
+            return INVALID
+        servers, seen = [], set()
+        for i, item in enumerate(raw):
+            table = self.table(item, f"{path}[{i}]")
+            values = {} if table is None else self.section(table, SERVER_KEYS, f"{path}[{i}]")
+            server_name = values.get("name")
+            if server_name in seen:
+                self.fail(f"{path}[{i}].name", f"server name {server_name!r} is used twice")
+            elif server_name is not None:
+                seen.add(server_name)
+            servers.append(self.complete(ServerConfig, values))
+        return INVALID if any(s is INVALID for s in servers) else tuple(servers)
+
+    def health_check(self, raw: Any, path: str) -> HealthCheck:
+        table = self.table(raw, path)
+        if table is None:
+            return INVALID
+        return self.complete(HealthCheck, self.section(table, HEALTH_CHECK_KEYS, path))
+
+
+def _cap_http_timeouts(values: dict, raw: dict, defaults: dict) -> None:
+    """Unset, timeout_http_request and timeout_http_keep_alive fall back to
+    timeout_client when it is shorter (as HAProxy's fall back to `timeout
+    client`): a user who sets timeout_client = "1s" sees a silent client
+    closed after a second."""
+    if "timeout_client" not in values:
+        return
     for key in ("timeout_http_request", "timeout_http_keep_alive"):
-        # Unset, they fall back to timeout_client when it is shorter (as
-        # HAProxy's fall back to `timeout client`): a user who sets
-        # timeout_client = "1s" sees a silent client closed after a second.
-        if key not in raw and key not in defaults:
+        if key in values and key not in raw and key not in defaults:
             values[key] = min(values[key], values["timeout_client"])
-    return FrontendConfig(name=fe_name, **values)
 
 
-def _route(raw: Any, path: str) -> Route:
-    values = _section(_table(raw, path), ROUTE_KEYS, path)
-    if values["host"] is None and values["path_prefix"] is None:
-        raise ConfigError(path, "a route needs host, path_prefix or both")
-    return Route(**values)
+# ------------------------------------------------------------ file order
+
+def _in_file_order(errors: list[ConfigError], raw: dict, source: str) -> list[ConfigError]:
+    """ERRORS sorted as their keys come in the file.
+
+    tomllib keeps each table's keys in file order but gathers [frontends.a],
+    [frontends.b] under one "frontends" even when [backends.x] sits between
+    them; the line of the nearest table header (when SOURCE is known)
+    restores that order.
+    """
+    order = _key_order(raw)
+    headers = _header_lines(source, order)
+
+    def position(error: ConfigError) -> tuple[int, int]:
+        prefixes = list(_path_prefixes(error.path))
+        known = next(p for p in prefixes if p in order)
+        header = next((headers[p] for p in prefixes if p in headers), 0)
+        return header, order[known]
+
+    return sorted(errors, key=position)  # stable: errors of one key keep their order
 
 
-def _backend(be_name: str, raw: dict, defaults: dict) -> BackendConfig:
-    path = f"backends.{be_name}"
-    values = _section(raw, BACKEND_KEYS, path, defaults)
-    servers = values["servers"]
-    if not isinstance(servers, list) or not servers:
-        raise ConfigError(f"{path}.servers", "expected a non-empty list of servers")
-    values["servers"] = tuple(_server(s, f"{path}.servers[{i}]") for i, s in enumerate(servers))
-    seen = set()
-    for i, server in enumerate(values["servers"]):
-        if server.name in seen:
-            raise ConfigError(f"{path}.servers[{i}].name", f"server name {server.name!r} is used twice")
-        seen.add(server.name)
-    check = values["health_check"]
-    if check is not None:
-        where = f"{path}.health_check" if "health_check" in raw else "defaults.health_check"
-        values["health_check"] = HealthCheck(**_section(_table(check, where), HEALTH_CHECK_KEYS, where))
-    return BackendConfig(name=be_name, **values)
+def _key_order(raw: dict) -> dict[str, int]:
+    """{key path: rank} for every key of RAW, paths spelt as errors spell them."""
+    order: dict[str, int] = {}
+
+    def walk(value: Any, path: str) -> None:
+        order.setdefault(path, len(order))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}.{key}" if path else key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+
+    walk(raw, "")
+    return order
 
 
-def _server(raw: Any, path: str) -> ServerConfig:
-    return ServerConfig(**_section(_table(raw, path), SERVER_KEYS, path))
+_PATH_TAIL = re.compile(r"(\.[^.\[]*|\[\d+\])$")
 
 
-def _check_references(frontends: dict, backends: dict) -> None:
-    for fe in frontends.values():
-        wanted = [(f"frontends.{fe.name}.backend", fe.backend)]
-        wanted += [(f"frontends.{fe.name}.routes[{i}].backend", r.backend) for i, r in enumerate(fe.routes)]
-        for path, backend in wanted:
-            if backend not in backends:
-                raise ConfigError(path, f"no backend named {backend!r}{_did_you_mean(backend, backends)}")
+def _path_prefixes(path: str):
+    """"a.b[1].c", "a.b[1]", "a.b", "a", "": the path, then each parent."""
+    while path:
+        yield path
+        path = _PATH_TAIL.sub("", path) if _PATH_TAIL.search(path) else ""
+    yield ""
 
 
-def _check_binds(frontends: dict) -> None:
-    owner = {}
-    for fe in frontends.values():
-        for i, addr in enumerate(fe.bind):
-            if addr in owner:
-                raise ConfigError(f"frontends.{fe.name}.bind[{i}]",
-                                  f"{addr} is already bound by frontend {owner[addr]!r}")
-            owner[addr] = fe.name
+_HEADER = re.compile(r"^\s*(\[\[?[^\[\]]+\]\]?)\s*(?:#.*)?$")
+
+
+def _header_lines(source: str, order: dict[str, int]) -> dict[str, int]:
+    """{table path: line} of each "[table]" and "[[array.of.tables]]" header."""
+    lines: dict[str, int] = {}
+    arrays: dict[str, int] = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        m = _HEADER.match(line)
+        if not m:
+            continue
+        try:
+            table = tomllib.loads(m.group(1))
+        except tomllib.TOMLDecodeError:
+            continue  # looked like a header but is not one (inside a multi-line string, say)
+        path = _only_path(table)
+        if m.group(1).startswith("[["):
+            arrays[path] = arrays.get(path, -1) + 1
+            path = f"{path}[{arrays[path]}]"
+        if path in order:
+            lines.setdefault(path, number)
+    return lines
+
+
+def _only_path(table: dict) -> str:
+    """"a.b" for {"a": {"b": {}}}, the one path a header line parses to."""
+    parts = []
+    while isinstance(table, (dict, list)) and table:
+        if isinstance(table, list):
+            table = table[0]
+            continue
+        (key, table), = table.items()
+        parts.append(key)
+    return ".".join(parts)

@@ -152,3 +152,52 @@ def test_invalid_config_does_not_start(proxyd):
     assert p.wait_exit(15) == 1
     assert "frontends.fe.timeout_client" in p.log_text()
     assert p.workers() == []
+
+
+THREE_MISTAKES = (GOOD.replace("workers = 1", "worker = 1")
+                  .replace('backend = "app"', 'backend = "app"\ntimeout_client = "5 parsecs"')
+                  .replace('"127.0.0.1:18082"', '"10.0.0.1"'))
+
+
+def test_check_names_every_problem_at_once(tmp_path):
+    """A misspelt key, a bad duration and a bad address: one run, three lines,
+    in the order of the file, each with the file and the key path."""
+    path, result = check(tmp_path, THREE_MISTAKES)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.splitlines() == [
+        f'proxyd: {path}: global.worker: unknown key (did you mean "workers"?)',
+        (f'proxyd: {path}: frontends.web.timeout_client: expected a duration like "250ms", "5s" or "2m", '
+         "got '5 parsecs'"),
+        (f'proxyd: {path}: backends.app.servers[1].address: expected "IPv4:port", "[IPv6]:port" or '
+         "\"name:port\", got '10.0.0.1'"),
+    ]
+    assert result.stdout == ""
+
+
+def test_start_names_every_problem_and_does_not_start(proxyd):
+    p = proxyd(THREE_MISTAKES, wait=False)
+    assert p.wait_exit(15) == 1
+    log = p.log_text()
+    for key_path in ("global.worker", "frontends.web.timeout_client", "backends.app.servers[1].address"):
+        assert f": {key_path}: " in log, log
+    assert p.workers() == []
+
+
+def test_check_accepts_server_names(tmp_path):
+    path, result = check(tmp_path, GOOD.replace('"127.0.0.1:18082"', '"localhost:18082"'))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"proxyd: {path}: configuration is valid"
+
+
+def test_check_refuses_a_name_that_does_not_resolve(tmp_path):
+    path, result = check(tmp_path, GOOD.replace('"127.0.0.1:18082"', '"nosuch.invalid:18082"'))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f'proxyd: {path}: backends.app.servers[1].address: cannot resolve "nosuch.invalid": '), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_check_refuses_a_name_to_listen_on(tmp_path):
+    path, result = check(tmp_path, GOOD.replace('bind = ["127.0.0.1:18080"]', 'bind = ["localhost:18080"]'))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"proxyd: {path}: frontends.web.bind[0]: 'localhost' is not an IP address")

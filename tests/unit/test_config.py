@@ -563,7 +563,10 @@ def test_bad_server_values(server, path):
 
 def test_table_names_are_checked():
     e = error(MINIMAL.replace("[backends.app]", '[backends."a b"]').replace('backend = "app"', 'backend = "a b"'))
-    assert e.path == "backends.a b"
+    # the frontend's `backend = "a b"` is a bad name in its own right, but not an unknown backend
+    assert [(x.path, x.message.split(",")[0]) for x in e.errors] == [
+        ("frontends.web.backend", "expected a name of letters"),
+        ("backends.a b", "expected a name of letters")]
 
 
 @pytest.mark.parametrize("raw,expected", [(False, None), (True, "v1"), ("v1", "v1"), ("v2", "v2")])
