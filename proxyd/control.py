@@ -19,7 +19,7 @@ import time
 
 from proxyd import admin, health
 from proxyd.loop import IN, Loop
-from proxyd.shared import DOWN, MAINT, STATE_NAMES, UNCHECKED
+from proxyd.shared import DOWN, MAINT, READY, STATE_NAMES, UNCHECKED
 
 
 class Control:
@@ -143,11 +143,11 @@ class Control:
                             f"{active} active and {backup} backup servers online.")
 
     def servers_left(self, backend) -> tuple[int, int]:
-        """(active, backup) servers of BACKEND that can take sessions."""
+        """(active, backup) servers of BACKEND that can take new sessions."""
         counts = [0, 0]
         for server in backend.servers:
             state = self.shared.read_server(self.shared.servers[f"{backend.name}/{server.name}"])
-            if state.state != DOWN and state.admin != MAINT:
+            if state.state != DOWN and state.admin == READY:
                 counts[server.backup] += 1
         return counts[0], counts[1]
 

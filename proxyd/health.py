@@ -25,6 +25,8 @@ import time
 
 from proxyd.shared import DOWN, MAINT, UNCHECKED, UP
 
+INF = float("inf")
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 MAX_STATUS_LINE = 1024
 
@@ -33,37 +35,43 @@ class Check:
     """One server's check: its schedule, its connection while one runs."""
 
     __slots__ = ("control", "backend", "server", "config", "record", "key", "due", "sock", "started",
-                 "sent", "response", "__weakref__")
+                 "sent", "response", "timer_at", "__weakref__")
 
     def __init__(self, control, backend, server, offset: float):
         self.control = control
         self.backend = backend
         self.server = server
         self.config = backend.health_check
-        self.record = control.shared.servers[f"{backend.name}/{server.name}"]
         self.key = f"{backend.name}/{server.name}"
+        self.record = control.shared.servers[self.key]
         self.sock = None
-        self.due = control.loop.now + offset
-        control.loop.call_at(self.due, self)
+        self.started = 0.0
+        self.due = control.loop.now + offset   # the next check starts then
+        self.timer_at = INF
+        self._arm(self.due)
 
     # ------------------------------------------------------------ running
+    def _arm(self, when: float) -> None:
+        """One timer entry per check: the earliest of its deadlines."""
+        if when < self.timer_at:
+            self.timer_at = when
+            self.control.loop.call_at(when, self)
+
     def on_timer(self, when: float) -> None:
-        loop = self.control.loop
-        if self.sock is not None:
-            if loop.now >= self.started + self.config.timeout:
-                layer = "Layer7" if self.config.http_path and self.sent else "Layer4"
-                self._done(False, f"{layer} timeout", "", 0)
-            else:
-                loop.call_at(self.started + self.config.timeout, self)
-            return
-        if loop.now < self.due:
-            return loop.call_at(self.due, self)
-        self.due += self.config.interval
-        if self.due < loop.now:   # the loop fell behind: no burst of catch-up checks
-            self.due = loop.now + self.config.interval
-        loop.call_at(self.due, self)
-        if self.control.shared.server_state(self.record)[1] != MAINT:
-            self._start()
+        if when != self.timer_at:
+            return   # stale entry: an earlier deadline took its place
+        self.timer_at = INF
+        now = self.control.loop.now
+        if self.sock is not None and now >= self.started + self.config.timeout:
+            layer = "Layer7" if self.config.http_path and self.sent else "Layer4"
+            self._done(False, f"{layer} timeout", "", 0)
+        if self.sock is None and now >= self.due:
+            self.due += self.config.interval
+            if self.due < now:   # the loop fell behind: no burst of catch-up checks
+                self.due = now + self.config.interval
+            if self.control.shared.server_state(self.record)[1] != MAINT:
+                self._start()
+        self._arm(self.due if self.sock is None else min(self.due, self.started + self.config.timeout))
 
     def _start(self) -> None:
         address = self.server.address
@@ -73,11 +81,10 @@ class Check:
         try:
             sock = socket.socket(address.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:
-            return self._done(False, "Layer4 connection problem", os.strerror(e.errno), 0, record_only=True)
+            return self._done(False, "Layer4 connection problem", os.strerror(e.errno), 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.sock = sock
         self.control.loop.add(sock.fileno(), self.on_ready)
-        self.control.loop.call_at(self.started + self.config.timeout, self)
         result = sock.connect_ex(address.sockaddr)
         if result not in (0, errno.EINPROGRESS):
             self._done(False, "Layer4 connection problem", os.strerror(result), 0)
@@ -129,7 +136,7 @@ class Check:
         else:
             self._done(False, "Layer7 wrong status", reason, code)
 
-    def _done(self, ok: bool, status: str, info: str, code: int, record_only: bool = False) -> None:
+    def _done(self, ok: bool, status: str, info: str, code: int) -> None:
         """The check is over: reset its connection, record the result."""
         if self.sock is not None:
             self.control.loop.forget(self.sock.fileno())
