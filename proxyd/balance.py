@@ -23,14 +23,16 @@ class Server:
     memory (health, admin state, weight, every worker's session count) and
     this worker's own count."""
 
-    __slots__ = ("config", "name", "sockaddr", "family", "weight", "active", "current", "record",
+    __slots__ = ("config", "name", "addresses", "weight", "active", "current", "record",
                  "shared", "slot", "slots", "maxconn", "slot_freed")
 
     def __init__(self, config: ServerConfig, backend: str, shared, slot: int):
         self.config = config
         self.name = config.name
-        self.sockaddr = config.address.sockaddr
-        self.family = config.address.family
+        # Every address its name resolved to, in order: each new attempt on
+        # this server (a retry) takes the next one.
+        address = config.address
+        self.addresses = address.resolved or ((address.family, address.sockaddr),)
         self.weight = config.weight   # the effective weight, as last read from shared memory
         self.active = 0     # sessions connected or connecting to it, in this worker
         self.current = 0    # smooth weighted round robin state

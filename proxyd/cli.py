@@ -1,4 +1,4 @@
-"""Command line: proxyd -c FILE [-D] [-p PIDFILE] [--check] | --version."""
+"""Command line: proxyd -c FILE [-D] [-p PIDFILE] [--check [--diff]] | ctl ... | --version."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ def parse_args(argv):
     parser.add_argument("-D", dest="daemon", action="store_true", help="run in the background")
     parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the master's pid here")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--diff", action="store_true",
+                        help="with --check: also print what a reload of FILE would change in the running proxyd")
     parser.add_argument("--version", action="version", version=f"proxyd {__version__}")
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("-c FILE is required")
+    if args.diff and not args.check:
+        parser.error("--diff goes with --check")
     return args
 
 
@@ -33,7 +37,11 @@ def fail(message: str) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ctl"]:
+        from proxyd import ctl
+        return ctl.main(argv[1:])
+    args = parse_args(argv)
     # Absolute paths: a daemon runs from /, and a reload re-reads the same file.
     args.config = os.path.abspath(args.config)
     try:
@@ -45,7 +53,7 @@ def main(argv=None) -> int:
         print(f"proxyd: {args.config}: warning: {warning}", file=sys.stderr)
     if args.check:
         print(f"proxyd: {args.config}: configuration is valid")
-        return 0
+        return show_diff(config) if args.diff else 0
     pidfile = args.pidfile or config.global_.pidfile
     pidfile = pidfile and os.path.abspath(pidfile)
     try:
@@ -87,6 +95,30 @@ def main(argv=None) -> int:
     finally:
         if pidfile and os.getpid() == read_pid(pidfile):
             os.unlink(pidfile)
+
+
+def show_diff(config) -> int:
+    """--check --diff: what a reload of this file would change, compared with
+    the configuration the running proxyd reports (`show config` on its admin
+    socket, the one this file names)."""
+    import json
+
+    from proxyd import confdiff, ctl
+    path = config.global_.admin_socket
+    if not path:
+        return fail("--diff: global.admin_socket is not set in this file: no running proxyd to compare with")
+    try:
+        running = json.loads(ctl.ask(path, "show config"))
+    except ctl.CtlError as e:
+        return fail(f"--diff: {e}")
+    except ValueError:
+        return fail(f"--diff: admin socket {path}: the answer to `show config` is not JSON")
+    changes = confdiff.diff(running, json.loads(json.dumps(confdiff.config_as_dict(config))))
+    for line in changes:
+        print(line)
+    if not changes:
+        print("no change from the running configuration")
+    return 0
 
 
 def check_accounts(config) -> None:

@@ -123,6 +123,13 @@ def optional_text(raw: Any, path: str) -> str | None:
     return text(raw, path)
 
 
+def file_mode(raw: Any, path: str) -> str:
+    """An octal permission string such as "0600" or "660" (int(value, 8) to use it)."""
+    if not isinstance(raw, str) or not re.fullmatch(r"0?[0-7]{3}", raw):
+        raise ConfigError(path, f'expected an octal mode such as "0600", got {raw!r}')
+    return raw
+
+
 def integer(low: int, high: int) -> Callable[[Any, str], int]:
     def parse(raw: Any, path: str) -> int:
         if isinstance(raw, bool) or not isinstance(raw, int):
@@ -382,6 +389,7 @@ GLOBAL_KEYS = (
         '"syslog:HOST:PORT" (UDP), "syslog:tcp@HOST:PORT" or a file path'),
     Key("log_level", choice(*LOG_LEVELS), "info", "least severe message logged; access logs are info"),
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
+    Key("admin_socket_mode", file_mode, "0600", 'permissions of the admin socket, an octal string ("0600")'),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),
     Key("worker_timeout", duration_at_least(2.0), 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
     Key("ulimit_n", integer(0, 1 << 24), 0, "open files allowed to each worker (RLIMIT_NOFILE), "
@@ -470,6 +478,7 @@ class GlobalConfig:
     log: str
     log_level: str
     admin_socket: str | None
+    admin_socket_mode: str
     splice: bool
     worker_timeout: float
     ulimit_n: int

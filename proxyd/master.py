@@ -93,7 +93,7 @@ class Master:
             signal.signal(sig, _no_op)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.log.info(f"master started (pid {self.pid}), {self.count} workers")
-        self.admin.bind(self.config.global_.admin_socket)
+        self.admin.bind(self.config.global_.admin_socket, self.config.global_.admin_socket_mode)
         for slot in range(self.count):
             self._spawn(slot)
         self._control_due()
@@ -350,7 +350,9 @@ class Master:
             from proxyd.cli import check_accounts
             check_accounts(new)
         except config_module.ConfigError as e:
-            return self.log.error(f"reload failed, keeping the running configuration: {e}")
+            for problem in e.errors:
+                self.log.error(f"reload failed, keeping the running configuration: {problem}")
+            return
         for warning in new.warnings:
             self.log.warning(warning)
         if self.previous:
@@ -367,7 +369,7 @@ class Master:
         self.respawn_at.clear()
         self.failures.clear()
         self._assign_servers(new, self.generation)
-        self.admin.bind(new.global_.admin_socket)
+        self.admin.bind(new.global_.admin_socket, new.global_.admin_socket_mode)
         self._restart_control()
         self.log.info(f"reloading {self.config_path}: generation {self.generation}, {count} workers")
         for slot in range(count):
@@ -398,7 +400,7 @@ class Master:
         self.config, self.count, self.generation = config, count, generation
         self.listeners.close_unused(config)
         self._assign_servers(config, aborted + 1)   # the aborted generation's records go once it has
-        self.admin.bind(config.global_.admin_socket)
+        self.admin.bind(config.global_.admin_socket, config.global_.admin_socket_mode)
         self._restart_control()
 
     def _limit_draining_generations(self) -> None:
@@ -515,10 +517,11 @@ class AdminSocket:
         self.path: str | None = None
         self.sock = None
 
-    def bind(self, path: str | None, mode: int = 0o600) -> None:
+    def bind(self, path: str | None, mode: str) -> None:
         """Bind PATH (a reload that changes it moves the socket; one that
-        keeps it keeps the very same socket)."""
-        if path == self.path:
+        keeps it keeps the very same socket, with MODE applied again)."""
+        if path is not None and path == self.path:
+            os.chmod(path, int(mode, 8))
             return
         self.close()
         if path is None:
@@ -533,7 +536,7 @@ class AdminSocket:
                 sock.bind(path)
             finally:
                 os.umask(old_umask)
-            os.chmod(path, mode)
+            os.chmod(path, int(mode, 8))
             sock.listen(64)
         except OSError as e:
             sock.close()

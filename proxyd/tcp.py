@@ -282,15 +282,16 @@ def connect_next(worker, backend, client_ip: str, tried: list) -> tuple:
             full.append(server)   # another worker took its last slot first
             continue
         server.opened()
+        family, sockaddr = server.addresses[tried.count(server) % len(server.addresses)]
         tried.append(server)
         try:
-            sock = socket.socket(server.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:
             server.closed()
             worker.out_of_resources("fds", "connect", e.errno)
             return None, ("RC", errno_name(e.errno))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        result = sock.connect_ex(server.sockaddr)
+        result = sock.connect_ex(sockaddr)
         if result in (0, errno.EINPROGRESS):
             if worker.starved:
                 worker.resources_back("ports")
