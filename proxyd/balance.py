@@ -3,10 +3,10 @@
 Each worker chooses on its own, from what shared memory says now of every
 server: its health (the control process's checks), its admin state and
 weight (the runtime API), and for leastconn every worker's sessions on it.
-Backup servers are used only when no
-active (non-backup) server is usable.  A server with weight 0 gets nothing
-unless every usable server has weight 0.  `tried` lets a retry go to a
-server not yet attempted for this session when there is one.
+Backup servers are used only when no active (non-backup) server is
+usable.  A server with weight 0 gets nothing unless every usable server has
+weight 0.  `tried` lets a retry go to a server not yet attempted for this
+session when there is one.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ class Server:
     memory (health, admin state, weight, every worker's session count) and
     this worker's own count."""
 
-    __slots__ = ("config", "name", "addresses", "weight", "active", "current", "record",
-                 "shared", "slot", "slots", "maxconn", "slot_freed")
+    __slots__ = ("config", "name", "addresses", "weight", "current", "record", "shared", "slot", "slots",
+                 "maxconn", "slot_freed")
 
-    def __init__(self, config: ServerConfig, backend: str, shared, slot: int):
+    def __init__(self, config: ServerConfig, backend: str, shared, slot: int, slot_freed):
         self.config = config
         self.name = config.name
         # Every address its name resolved to, in order: each new attempt on
@@ -34,13 +34,13 @@ class Server:
         address = config.address
         self.addresses = address.resolved or ((address.family, address.sockaddr),)
         self.weight = config.weight   # the effective weight, as last read from shared memory
-        self.active = 0     # sessions connected or connecting to it, in this worker
         self.current = 0    # smooth weighted round robin state
         self.shared = shared
         self.slot = slot
         self.record = shared.servers[f"{backend}/{config.name}"]
         self.maxconn = config.maxconn
         self.slots = shared.slots[self.record] if config.maxconn else None
+        self.slot_freed = slot_freed   # called when this worker gives a slot back
 
     def usable(self) -> bool:
         """Up (or unchecked) and ready (not drain or maint), read from the
@@ -57,12 +57,10 @@ class Server:
         return self.slots is None or self.slots.take()
 
     def opened(self) -> None:
-        self.active += 1
         self.shared.add_session(self.record, self.slot, 1)
 
     def closed(self) -> None:
         """The session let go of it: the count first, then the slot (see shared.py)."""
-        self.active -= 1
         self.shared.add_session(self.record, self.slot, -1)
         if self.slots is not None:
             self.slots.give(1)
@@ -79,9 +77,8 @@ QUEUE = object()   # choose(): every usable server is at its maxconn: wait for a
 class Balancer:
     def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int = 1, slot_freed=None):
         self.backend = backend
-        self.servers = [Server(s, backend.name, shared, slot) for s in backend.servers]
-        for server in self.servers:
-            server.slot_freed = slot_freed or (lambda: None)
+        self.servers = [Server(s, backend.name, shared, slot, slot_freed or (lambda: None))
+                        for s in backend.servers]
         self.pick = getattr(self, "_" + backend.balance)
         # Each worker balances alone; starting each one's round robin further
         # along keeps workers from all sending their first connections to the
