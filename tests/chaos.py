@@ -64,6 +64,30 @@ A session that overlapped a stall of this process itself (the loop late by
 more than LAG_LIMIT, e.g. a starved CI box) is excused from the "whole"
 claims only, and counted; prefix and foreign checks always apply.
 
+With --server-chaos (Options.server_chaos, off by default: the sessions
+of a seed are the same either way) each backend has CHAOS_SERVERS servers
+with a health check (TCP connect; HTTP `GET CHECK_PATH`) and each proxy an
+admin socket, and a seeded driver (ServerDriver, its own random stream
+"SEED:servers") kills servers (their listening socket closed: connects are
+refused; the connections already in its backlog are accepted and served
+first), brings them back on the same port, makes HTTP checks answer 503 for
+a while, blips TCP servers (closed for a moment: TCP checks flap), and
+issues `disable server`, `enable server`, `set server ... state
+drain|maint|ready` and `set weight` on the admin sockets, keeping one
+server of each backend usable nearly all the time.  Two more invariants:
+
+* unavailable: no server accepts a new session (identified by its tag)
+  more than GRACE seconds after the proxy that sent it logged it `is DOWN`,
+  or after an admin command that made it unavailable there (disable, maint,
+  drain) was answered, until it is logged `is UP` or made ready again (all
+  on the wall clock: proxyd's log lines are UTC times);
+* no_server: every "no server" answer proxyd logs (HTTP 503, TCP closed,
+  term SC/sC) came when each server of the backend was unusable within the
+  second before: dead (our record), DOWN in that proxy's log, or not ready
+  after an admin command.  Only the "whole" claims of sessions whose access
+  line says so, and that are so justified, are excused (counted); nothing
+  else is.
+
 Violations of a known proxyd defect (KNOWN) are recognised after the run
 (classify_known: e.g. an answer the client lost to a reset though proxyd's
 access line says it relayed it whole) and reported under their own kind, so
@@ -73,7 +97,9 @@ that a long run tells them from new ones.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import datetime
 import errno
 import fcntl
 import math
@@ -88,6 +114,7 @@ import sys
 import termios
 import time
 import traceback
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +131,22 @@ LAG_LIMIT = 1.0          # this loop late by more than this: sessions then are e
 MAX_DRAINING = 4         # max_draining in the config; reloads wait while 3 generations drain
 MAX_INTERIM = 16         # proxyd relays at most this many 1xx per response
 HEAD_PREFIX = re.compile(rb"[0-9a-f]{0,8}|[0-9a-f]{8}U0{0,12}")  # the start of any session's stream
+
+# --server-chaos
+CHAOS_SERVERS = 3        # servers per backend
+CHECK_PATH = "/chaos-check"
+# The HTTP check's timeout leaves room for this process's own loop lag; both
+# stay well below their interval (a check still running when the next one is
+# due spins the control process: pinned in tests/integration/test_chaos.py).
+HEALTH_CHECKS = {
+    "tcp": {"interval": "500ms", "timeout": "100ms", "rise": 2, "fall": 2},
+    "http": {"interval": "600ms", "timeout": "200ms", "rise": 1, "fall": 2, "http_path": CHECK_PATH},
+}
+GRACE = 1.0              # a server marked down or made unavailable may get new sessions this long, no longer
+UP_MARGIN = 0.05         # a session may reach a server this long before the `is UP` line's time (ms stamps)
+NO_SERVER_WINDOW = 1.0   # a "no server" answer is justified by a server unusable this long before it
+SERVER_ACTIONS = {"die": 22, "blip": 10, "flap": 16, "disable": 10, "maint": 6, "drain": 12, "weight": 14,
+                  "outage": 2}   # outage: every server of a backend dead, or in maintenance in one proxy
 
 
 # ------------------------------------------------------------------ options
@@ -136,6 +179,7 @@ class Options:
     sessions: tuple = ()            # replay only these session indices
     progress: float = 10.0          # seconds between progress lines, 0 = none
     half_close: bool = False        # also a TCP frontend with half_close = true (and its own servers)
+    server_chaos: bool = False      # health checks, an admin socket, servers dying, checks flapping, admin commands
 
     def replay_command(self, sessions=()) -> str:
         args = ["scripts/chaos", "--seed", str(self.seed), "--duration", f"{self.duration:g}",
@@ -152,6 +196,8 @@ class Options:
             args.append("--resize")
         if self.half_close:
             args.append("--half-close")
+        if self.server_chaos:
+            args.append("--server-chaos")
         if sessions:
             args += ["--sessions", ",".join(map(str, sorted(sessions)))]
         return " ".join(shlex.quote(a) for a in args)
@@ -694,6 +740,7 @@ class Violation:
     plan: str = ""
     sid: int = -1       # the request (HTTP) or session whose bytes it is about, when one is
     port: int = 0       # the client's port (to find a TCP session's access line)
+    when: tuple = ()    # (wall-clock start of the session, when this was found), for the access line
 
     def __str__(self) -> str:
         return f"[{self.kind}] session {self.index}: {self.text}" + (f"\n      plan: {self.plan}" if self.plan else "")
@@ -725,7 +772,8 @@ class Result:
         o = self.options
         lines = [
             (f"chaos seed {o.seed}: mode {o.mode}, {o.workers} workers, splice {o.splice}"
-             f"{', reloads' if o.reloads else ''}{', resize' if o.resize else ''}, concurrency {o.concurrency}, "
+             f"{', reloads' if o.reloads else ''}{', resize' if o.resize else ''}"
+             f"{', server chaos' if o.server_chaos else ''}, concurrency {o.concurrency}, "
              f"profile {o.profile}, load {o.duration:g}s, wall {self.wall:.1f}s"),
             (f"  sessions {s['sessions']} (tcp {s['tcp']}, http connections {s['http']} with {s['requests']} "
              f"requests), peak concurrency {s['peak']}"),
@@ -742,6 +790,18 @@ class Result:
             "  http servers: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("http_s_")),
             "  http outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("http_o_")),
         ]
+        if o.server_chaos:
+            lines += [
+                (f"  server chaos: deaths {s['sc_die']}, blips {s['sc_blip']}, check flaps {s['sc_flap']}, "
+                 f"disable {s['sc_disable']}, maint {s['sc_maint']}, drain {s['sc_drain']}, set weight "
+                 f"{s['sc_weight']} ({s['sc_admin_commands']} admin commands), outages {s['sc_outage']}, last server taken "
+                 f"{s['sc_last_server']}, skipped {s['sc_skipped']}; backlog connections served by dying servers "
+                 f"{s['sc_backlog_served']}; HTTP checks answered {s['checks_http']} ({s['checks_http_503']} 503)"),
+                (f"  proxyd logged DOWN {s['sc_logged_down']}, UP {s['sc_logged_up']}; accepts checked "
+                 f"{s['sc_accepts']} against {s['sc_windows']} unavailability windows (excused, our loop late: "
+                 f"{s['sc_unavailable_lag_excused']}); no-server answers {s['sc_no_server']} (justified "
+                 f"{s['sc_no_server_justified']}), whole claims they excused {s['sc_claims_excused']}"),
+            ]
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  violations: {len(self.violations)}")
         signatures = collections.Counter(v.signature for v in self.violations)
@@ -808,7 +868,13 @@ class Engine:
         self.peak_pool = 0                     # peak of sessions + server connections in flight
         self._started: dict = {}               # index -> start time, of the sessions running
         self._ports: dict = {}                 # index -> client port, of the sessions running
+        self._wall: dict = {}                  # index -> wall-clock start, of the sessions running
         self.stopping = False
+        # --server-chaos: accepts of tagged sessions, (proxy index, server key) -> (wall times, sids);
+        # the loop's late ticks (wall time, seconds late); TCP sessions (index, client port, wall start, end)
+        self.accepts: dict = {}
+        self.late_ticks: list = []
+        self.tcp_sessions = (array("q"), array("q"), array("d"), array("d"))
 
     # ------------------------------------------------------------ bookkeeping
     def violation(self, kind: str, index: int, text: str, plan=None, sid: int = -1) -> None:
@@ -818,8 +884,9 @@ class Engine:
             except Exception:  # noqa: BLE001 -- a plan that cannot be made: the violation still counts
                 plan = None
         self.violations.append(Violation(kind, index, text, plan.describe() if plan is not None else "", sid,
-                                         self._ports.get(index, 0)))
-        if len(self.violations) <= 5:
+                                         self._ports.get(index, 0), (self._wall.get(index, 0.0), time.time())))
+        # With --server-chaos a failed "whole" claim is judged after the run, against the access log.
+        if len(self.violations) <= 5 and not (self.options.server_chaos and kind == "whole"):
             self.say(f"  VIOLATION {self.violations[-1]}")
 
     def excused(self, since: float) -> bool:
@@ -848,7 +915,9 @@ class Engine:
         self.stats["peak"] = max(self.stats["peak"], self.running)
 
     # ------------------------------------------------------------ servers
-    async def serve(self, lsock: socket.socket, mode: str) -> None:
+    async def serve(self, lsock: socket.socket, mode: str, server=None) -> None:
+        """Accept on LSOCK until cancelled; SERVER (a ChaosServer, with
+        --server-chaos) is told each session it accepts."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -861,19 +930,24 @@ class Engine:
                     await asyncio.sleep(0.1)
                     continue
                 return
-            sock.setblocking(False)
-            task = loop.create_task(self._server_conn(sock, mode))
-            self.server_tasks.add(task)
-            task.add_done_callback(self.server_tasks.discard)
+            self.server_conn(sock, mode, server)
 
-    async def _server_conn(self, sock: socket.socket, mode: str) -> None:
+    def server_conn(self, sock: socket.socket, mode: str, server=None) -> None:
+        """Serve an accepted connection (a task of its own)."""
+        at = time.time()
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._server_conn(sock, mode, server, at))
+        self.server_tasks.add(task)
+        task.add_done_callback(self.server_tasks.discard)
+
+    async def _server_conn(self, sock: socket.socket, mode: str, server=None, at: float = 0.0) -> None:
         wire = Wire(sock)
         self.server_open += 1
         self._track_peak()
         started = time.monotonic()
         try:
             handler = self._tcp_server if mode == "tcp" else self._http_server
-            await asyncio.wait_for(handler(wire, started), self.server_bound())
+            await asyncio.wait_for(handler(wire, started, server, at), self.server_bound())
         except TimeoutError:
             self.violation("liveness", -1, f"a {mode} server connection still open after {self.server_bound():.0f}s: "
                                            f"the proxy never closed it ({len(wire.buf)} B buffered)")
@@ -886,6 +960,24 @@ class Engine:
         finally:
             self.server_open -= 1
             wire.close(reset=True)   # only if still open: after a timeout or an error
+
+    def _accepted(self, server, plan, sid: int, at: float) -> None:
+        """--server-chaos: SERVER accepted session SID (of PLAN) at AT (wall clock)."""
+        if server is None:
+            return
+        times, sids = self.accepts.setdefault((self.targets[plan.target][0], server.key), (array("d"), array("q")))
+        times.append(at)
+        sids.append(sid)
+
+    async def _check_answer(self, wire: Wire, server) -> None:
+        """An HTTP health check: 200, or 503 while the server's check flaps;
+        then wait for the proxy to close (it resets: no TIME_WAIT either side)."""
+        self.stats["checks_http"] += 1
+        if server.flapping:
+            self.stats["checks_http_503"] += 1
+        status = b"503 Service Unavailable" if server.flapping else b"200 OK"
+        if await wire.send(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % status):
+            await self._drain_until_closed(wire, None, f"health check of {server.key} (after its answer)")
 
     def _seen_sid(self, sid: int, index: int) -> None:
         n = self.server_sids.get(sid, 0) + 1
@@ -909,7 +1001,7 @@ class Engine:
                 self.violation("prefix", index, f"{what}: {len(data)} unexpected bytes {data[:60]!r}; "
                                                 f"records: {records_in(data)}")
 
-    async def _tcp_server(self, wire: Wire, started: float) -> None:
+    async def _tcp_server(self, wire: Wire, started: float, server=None, at: float = 0.0) -> None:
         # Learn the session id from the first record.
         while len(wire.buf) < 22:
             if not await wire.fill():
@@ -929,6 +1021,7 @@ class Engine:
                            f"records: {records_in(data)}")
             return
         self._seen_sid(sid, plan.index)
+        self._accepted(server, plan, sid, at)
         check = StreamCheck(sid, UP)
         check.feed(bytes(wire.buf))
         wire.buf.clear()
@@ -991,7 +1084,7 @@ class Engine:
                            f"tcp server got {check.offset} of {plan.up} B (ended: {wire.ending})")
             wire.close(reset=reset)
 
-    async def _http_server(self, wire: Wire, started: float) -> None:
+    async def _http_server(self, wire: Wire, started: float, server=None, at: float = 0.0) -> None:
         head = await wire.until(b"\r\n\r\n")
         if head is None:
             if wire.buf:
@@ -1002,6 +1095,8 @@ class Engine:
         (first, headers) = parse_head(head)
         if len(first) != 3 or first[2] != b"HTTP/1.1":
             raise ProtocolViolation(f"request line {head[:100]!r}")
+        if server is not None and first[1] == CHECK_PATH.encode() and first[0] == b"GET":
+            return await self._check_answer(wire, server)
         m = re.fullmatch(rb"/chaos/([0-9a-f]{8})", first[1])
         plan, k = self.planner.by_sid(int(m[1], 16)) if m else (None, 0)
         if plan is None or plan.mode != "http":
@@ -1010,6 +1105,7 @@ class Engine:
         req = plan.reqs[k]
         index, sid = plan.index, req.sid
         self._seen_sid(sid, index)
+        self._accepted(server, plan, sid, at)
         act = req.act
         problems = []
         if first[0].decode() != req.method:
@@ -1223,7 +1319,7 @@ class Engine:
                        f"tcp client got {check.offset} of {plan.down} B, then {wire.ending}", sid=plan.sid)
             if client in ("half_close", "wait_eof", "slow_reader") and check.offset == plan.down:
                 self.claim(wire.end == "eof", started, "whole", index,
-                           f"tcp client got the whole answer, then {wire.ending} instead of EOF")
+                           f"tcp client got the whole answer, then {wire.ending} instead of EOF", sid=plan.sid)
         if client in ("stall", "silent") and wire.end not in ("eof", "reset"):
             self.violation("liveness", index, f"tcp client ({client}): connection not ended by the proxy "
                                               f"({wire.end or 'open'})")
@@ -1437,6 +1533,7 @@ class Engine:
         mode = plan.mode
         started = time.monotonic()
         self._started[index] = started
+        self._wall[index] = time.time()
         self.running += 1
         self._track_peak()
         self.stats["sessions"] += 1
@@ -1473,7 +1570,11 @@ class Engine:
                 wire.close(reset=not clean)
             self.running -= 1
             self._started.pop(index, None)
-            self._ports.pop(index, None)
+            port = self._ports.pop(index, None)
+            wall = self._wall.pop(index, 0.0)
+            if self.options.server_chaos and mode == "tcp" and port:
+                for column, value in zip(self.tcp_sessions, (index, port, wall, time.time())):
+                    column.append(value)
 
     async def lag_ticker(self) -> None:
         tick = 0.05
@@ -1484,6 +1585,8 @@ class Engine:
             self.stats["max_lag_ms"] = max(self.stats["max_lag_ms"], int(late * 1000))
             if late > LAG_LIMIT:
                 self.lags.append((t0, time.monotonic()))
+            if late > 0.02 and self.options.server_chaos:
+                self.late_ticks.append((time.time(), late))
 
     async def load(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1660,26 +1763,31 @@ class LogWatch:
 
 
 def proxy_config(tcp_port, http_port, tcp_servers, http_servers, options: Options, splice: bool,
-                 hc_port=0, hc_servers=()) -> dict:
+                 hc_port=0, hc_servers=(), admin_socket: str = "") -> dict:
     t = options.timeouts
     glob = {"splice": splice, "grace": "60s", "max_draining": MAX_DRAINING}
+    if admin_socket:
+        glob["admin_socket"] = admin_socket
+    # --server-chaos: every backend's servers are checked.
+    checks = {m: {"health_check": dict(c)} if options.server_chaos else {} for m, c in HEALTH_CHECKS.items()}
     defaults = {"timeout_client": t.client, "timeout_server": t.server, "timeout_fin": t.fin,
                 "timeout_connect": t.connect}
     config = {"global": {"workers": options.workers, **glob}, "defaults": defaults, "frontends": {},
               "backends": {}}
     if tcp_port:
         tc = support.tcp_config(tcp_port, tcp_servers, workers=options.workers, global_=glob,
-                                frontend_name="fe_tcp", backend_name="be_tcp")
+                                backend=checks["tcp"], frontend_name="fe_tcp", backend_name="be_tcp")
         config["frontends"].update(tc["frontends"])
         config["backends"].update(tc["backends"])
     if http_port:
-        hc = http_config(http_port, {"be_http": http_servers}, workers=options.workers, global_=glob,
-                         frontend_name="fe_http")
+        hc = http_config(http_port, {"be_http": {"servers": http_servers, **checks["http"]}},
+                         workers=options.workers, global_=glob, frontend_name="fe_http")
         config["frontends"].update(hc["frontends"])
         config["backends"].update(hc["backends"])
     if hc_port:
         tc = support.tcp_config(hc_port, hc_servers, workers=options.workers, global_=glob,
-                                frontend={"half_close": True}, frontend_name="fe_tcp_hc", backend_name="be_tcp_hc")
+                                frontend={"half_close": True}, backend=checks["tcp"], frontend_name="fe_tcp_hc",
+                                backend_name="be_tcp_hc")
         config["frontends"].update(tc["frontends"])
         config["backends"].update(tc["backends"])
     return config
@@ -1767,7 +1875,16 @@ class ProxySet:
         self.ports = []
         self.ports_of = []       # per proxy: its frontend ports
         self.baseline = []       # per proxy: (non-pipe fds but listeners, pipe fds) of a fresh worker
+        self.admin_paths = []    # per proxy: its admin socket (--server-chaos)
         self.tcp_servers, self.http_servers, self.hc_servers = tcp_servers, http_servers, hc_servers
+
+    def _admin_path(self, i: int) -> str:
+        """Proxy I's admin socket: in the workdir unless that path is too long for a unix socket."""
+        path = str(self.workdir / f"admin{i}.sock")
+        if len(path) > 100:
+            import tempfile
+            path = os.path.join(tempfile.mkdtemp(prefix="chaos-admin-"), f"admin{i}.sock")
+        return path
 
     def start(self) -> None:
         modes = ["tcp", "http"] if self.options.mode == "both" else [self.options.mode]
@@ -1775,8 +1892,10 @@ class ProxySet:
             tcp_port = support.free_port() if "tcp" in modes else 0
             http_port = support.free_port() if "http" in modes else 0
             hc_port = support.free_port() if "tcp" in modes and self.options.half_close else 0
+            admin = self._admin_path(i) if self.options.server_chaos else ""
+            self.admin_paths.append(admin)
             config = proxy_config(tcp_port, http_port, self.tcp_servers, self.http_servers, self.options, splice,
-                                  hc_port, self.hc_servers)
+                                  hc_port, self.hc_servers, admin)
             path = support.write_config(self.workdir, config, f"chaos{i}.toml")
             proxy = support.Proxyd(path, self.workdir / f"chaos{i}.log")
             self.proxies.append(proxy)
@@ -1917,16 +2036,46 @@ class ProxySet:
 
 # ------------------------------------------------------------------ a run
 
-def server_listener(attempts: int = 20) -> socket.socket:
+def below_ephemeral_port() -> int:
+    """A random port number below the kernel's ephemeral range (0 if that
+    range leaves no room): no connect() ever takes such a port as its own,
+    so a server that dies can bind its port again (its socket bound with
+    SO_REUSEADDR lets an outgoing connection share a port bucket otherwise)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return random.SystemRandom().randrange(10_000, low) if low > 12_000 else 0
+
+
+def server_listener(attempts: int = 20, reuse: bool = False) -> socket.socket:
     """A listening socket on a port no TIME_WAIT socket points to yet (one
-    left by an earlier user of the port number would be counted as ours)."""
+    left by an earlier user of the port number would be counted as ours).
+    REUSE: SO_REUSEADDR, so that the port can be bound again while the
+    connections accepted on it live on (a server that dies and comes back),
+    on a port below the ephemeral range."""
     held = []
     try:
         for _ in range(attempts):
             s = socket.socket()
-            s.bind((LOCALHOST, 0))
+            if reuse:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((LOCALHOST, below_ephemeral_port()))
+                    if support.ss("-tan", f"( sport = :{s.getsockname()[1]} )"):
+                        raise OSError(errno.EADDRINUSE, "the port has sockets on it")
+                except OSError:
+                    s.close()
+                    continue
+            else:
+                s.bind((LOCALHOST, 0))
             if not support.timewait_towards(s.getsockname()[1]):
-                s.listen(4096)
+                try:
+                    s.listen(4096)
+                except OSError:
+                    held.append(s)
+                    continue
                 s.setblocking(False)
                 return s
             held.append(s)   # keep it bound, so the next bind gets another port
@@ -1936,23 +2085,582 @@ def server_listener(attempts: int = 20) -> socket.socket:
             s.close()
 
 
+# ------------------------------------------------------------------ server chaos
+
+BACKENDS = {"tcp": "be_tcp", "http": "be_http", "tcp_hc": "be_tcp_hc"}   # listeners' mode -> backend name
+
+
+@dataclass(eq=False)
+class ChaosServer:
+    """One server of a backend (--server-chaos): its port, its socket
+    (listening while it is alive; bound only, so that the port stays ours
+    and connects are refused, while it is dead), and what is done to it."""
+
+    key: str                # "be_http/s2", as proxyd names it
+    backend: str
+    mode: str               # tcp | http: what serves its connections
+    port: int
+    sock: socket.socket | None
+    proxies: int            # how many proxies send to it (one admin state and weight in each)
+    alive: bool = True
+    flapping: bool = False  # its HTTP check endpoint answers 503
+    task: object = None     # the accept loop, while alive
+    good_since: float = 0.0  # monotonic: usable in every way since (proxyd's rise takes a moment)
+    admin: list = field(default_factory=list)    # per proxy: ready | drain | maint
+    weight: list = field(default_factory=list)   # per proxy
+
+    def __post_init__(self):
+        self.admin = ["ready"] * self.proxies
+        self.weight = [1] * self.proxies
+
+
+@dataclass(frozen=True)
+class StateEvent:
+    """What happened to one server in one proxy's view, on the wall clock:
+    a `Server ... is DOWN|UP` log line (kind down|up, t its time), or an
+    admin command (kind admin: t when it was sent, answered when its answer
+    came, state ready|drain|maint)."""
+
+    t: float
+    kind: str
+    state: str = ""
+    answered: float = 0.0
+    text: str = ""
+
+
+def iso(t: float) -> str:
+    """Wall-clock T as proxyd's log lines write it (UTC, ms); "never" for inf."""
+    if t == math.inf:
+        return "never"
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def log_time(stamp: str) -> float:
+    """proxyd's log-line time (2026-01-02T03:04:05.678Z) as a wall-clock number."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.UTC).timestamp()
+
+
+def server_windows(events, grace: float = GRACE) -> tuple[list, list]:
+    """From one server's StateEvents in one proxy: (forbidden, unusable).
+
+    forbidden: (start, end, why) windows in which it must accept no new
+    session: from GRACE after its `is DOWN` line until its `is UP` line (less
+    UP_MARGIN) or, if it was in maintenance meanwhile, until the command that
+    took it out was sent (that resets its health: proxyd's set_admin); and
+    from GRACE after an answered disable/maint/drain until the command that
+    made it ready again was sent.
+
+    unusable: (start, end) intervals in which proxyd may rightly not have
+    used it, as wide as the record allows (from the DOWN line or the sending
+    of the command, to the UP line or the answer to the ready one)."""
+    forbidden, unusable = [], []
+    down = None                                 # time of the DOWN line while down
+    admin, since, sent, what = "ready", 0.0, 0.0, ""
+    for ev in sorted(events, key=lambda e: e.t):
+        if ev.kind == "down":
+            if down is None:
+                down = ev.t
+        elif ev.kind == "up":
+            if down is not None:
+                forbidden.append((down + grace, ev.t - UP_MARGIN, f"marked DOWN at {iso(down)}, UP at {iso(ev.t)}"))
+                unusable.append((down, ev.t))
+                down = None
+        else:
+            if admin == "maint" and ev.state != "maint" and down is not None:
+                why = f"marked DOWN at {iso(down)}, out of maintenance ({ev.text!r} sent at {iso(ev.t)})"
+                forbidden.append((down + grace, ev.t, why))
+                unusable.append((down, ev.answered))
+                down = None
+            if ev.state == "ready":
+                if admin != "ready":
+                    why = f"{what!r} answered at {iso(since)}, {ev.text!r} sent at {iso(ev.t)}"
+                    forbidden.append((since + grace, ev.t, why))
+                    unusable.append((sent, ev.answered))
+            elif admin == "ready":
+                since, sent, what = ev.answered, ev.t, ev.text
+            admin = ev.state
+    if down is not None:
+        forbidden.append((down + grace, math.inf, f"marked DOWN at {iso(down)}, never UP again"))
+        unusable.append((down, math.inf))
+    if admin != "ready":
+        forbidden.append((since + grace, math.inf, f"{what!r} answered at {iso(since)}, never ready again"))
+        unusable.append((sent, math.inf))
+    return [w for w in forbidden if w[0] < w[1]], unusable
+
+
+def in_windows(windows: list, t: float) -> list:
+    """The windows of WINDOWS (start, end, ...) that hold T."""
+    return [w for w in windows if w[0] <= t < w[1]]
+
+
+class ServerDriver:
+    """Servers that die and come back, checks that flap, runtime API
+    commands: at moments drawn from the seed's own stream ("SEED:servers",
+    the same draws every run, applied or not as the state allows); all of it
+    recorded on the wall clock (proxyd's log lines are UTC times) for the
+    checks after the run (check_server_chaos)."""
+
+    def __init__(self, options: Options, engine: Engine, servers: list, admin_paths: list, say=print):
+        self.options = options
+        self.engine = engine
+        self.servers = servers
+        self.admin_paths = admin_paths
+        self.say = say
+        self.stats = engine.stats
+        self.rng = random.Random(f"{options.seed}:servers")
+        self.backends: dict = {}
+        for srv in servers:
+            self.backends.setdefault(srv.backend, []).append(srv)
+        self.dead: dict = {srv.key: [] for srv in servers}       # key -> [[wall dead, wall alive again]]
+        self.admin_log: list = []     # (proxy, key, StateEvent)
+        self.restores: list = []      # (monotonic due, seq, kind, server, proxy, words)
+        self.seq = 0
+        self.stop = asyncio.Event()
+        self.notes: list = []
+
+    # ------------------------------------------------------------ the servers
+    def start(self) -> None:
+        for srv in self.servers:
+            self._serve(srv)
+
+    async def wait_all_up(self, timeout: float = 15.0) -> None:
+        """Until every proxy's checks have passed for every server (before
+        the load: their first checks ran before this process served them)."""
+        deadline = time.monotonic() + timeout
+        names = {srv.key for srv in self.servers}
+        while True:
+            pending = []
+            for p in range(len(self.admin_paths)):
+                answer = await self.ask(p, "show servers state")
+                if answer is None:
+                    return
+                up = set()
+                for line in answer.decode(errors="replace").splitlines()[2:]:
+                    f = line.split()
+                    if len(f) > 11 and f[5] == "2" and f[10] in ("L4OK", "L7OK"):
+                        up.add(f"{f[1]}/{f[3]}")
+                pending += [f"proxyd {p}: {key}" for key in sorted(names - up)]
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                self.engine.violation("health", -1, f"servers not UP {timeout:g}s after the start: {pending}")
+                return
+            await asyncio.sleep(0.1)
+
+    def _serve(self, srv: ChaosServer) -> None:
+        srv.task = asyncio.get_running_loop().create_task(self.engine.serve(srv.sock, srv.mode, srv))
+
+    def tasks(self) -> list:
+        return [srv.task for srv in self.servers if srv.task is not None]
+
+    def kill(self, srv: ChaosServer) -> None:
+        """Stop accepting: what is in the backlog is accepted and served (a
+        dying server that closes its listening socket resets them: those
+        sessions would be lost by our doing), then the listening socket is
+        closed and the port bound again without listen(): connects are
+        refused, and the port stays ours."""
+        if not srv.alive or srv.sock is None:
+            return
+        t = time.time()
+        if srv.task is not None:
+            srv.task.cancel()
+            srv.task = None
+        asyncio.get_running_loop().remove_reader(srv.sock.fileno())
+        while True:
+            try:
+                sock, _ = srv.sock.accept()
+            except OSError:   # BlockingIOError: the backlog is empty
+                break
+            self.engine.server_conn(sock, srv.mode, srv)
+            self.stats["sc_backlog_served"] += 1
+        srv.sock.close()
+        srv.alive = False
+        self.dead[srv.key].append([t, math.inf])
+        srv.sock = self._bind(srv)
+
+    def _bind(self, srv: ChaosServer) -> socket.socket | None:
+        """SRV's port bound again, not listening (connects are refused); None
+        if something else holds it now (then a revival tries again)."""
+        placeholder = socket.socket()
+        try:
+            placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            placeholder.bind((LOCALHOST, srv.port))
+        except OSError as e:
+            placeholder.close()
+            self.stats["sc_rebind_failed"] += 1
+            if self.stats["sc_rebind_failed"] == 1:
+                holders = support.ss("-tanpo", "state", "all", f"( sport = :{srv.port} )")
+                self.notes.append(f"server {srv.key} could not bind :{srv.port} again ({e}); held by: {holders[:5]}")
+            return None
+        placeholder.setblocking(False)
+        return placeholder
+
+    def revive(self, srv: ChaosServer) -> None:
+        if srv.alive:
+            return
+        if srv.sock is None:
+            srv.sock = self._bind(srv)
+            if srv.sock is None:
+                return self._later(0.5, "revive", srv)
+        srv.sock.listen(4096)
+        srv.alive = True
+        self.dead[srv.key][-1][1] = time.time()
+        self._serve(srv)
+
+    def close(self) -> None:
+        for srv in self.servers:
+            if srv.sock is not None:
+                srv.sock.close()
+                srv.sock = None
+
+    # ------------------------------------------------------------ the runtime API
+    async def ask(self, proxy: int, words: str) -> bytes | None:
+        """One command on proxy PROXY's admin socket (one per connection, as
+        proxyd's runtime API without `prompt`): its answer, None (and a
+        violation) if there is none within 5s."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.admin_paths[proxy]), 5)
+            try:
+                writer.write(words.encode() + b"\n")
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+        except (TimeoutError, OSError) as e:
+            self.engine.violation("admin", -1, f"proxyd {proxy}: {words!r}: {e!r}")
+            return None
+
+    async def admin(self, proxy: int, srv: ChaosServer, words: str, state: str = "") -> None:
+        """A command changing SRV, its sending and its answer timed; STATE:
+        the admin state it sets (ready, drain, maint), for the checks."""
+        sent = time.time()
+        answer = await self.ask(proxy, words)
+        answered = time.time()
+        if answer is None:
+            return
+        if answer.strip():
+            self.engine.violation("admin", -1, f"proxyd {proxy}: {words!r} answered {answer[:200]!r}")
+            return
+        self.stats["sc_admin_commands"] += 1
+        if state:
+            srv.admin[proxy] = state
+            self.admin_log.append((proxy, srv.key, StateEvent(sent, "admin", state, answered, words)))
+
+    # ------------------------------------------------------------ the schedule
+    def good(self, srv: ChaosServer) -> bool:
+        """Usable by every proxy (as far as we know: proxyd's checks confirm it a moment later)."""
+        return (srv.alive and not srv.flapping and all(a == "ready" for a in srv.admin)
+                and time.monotonic() >= srv.good_since)
+
+    def _later(self, delay: float, kind: str, srv: ChaosServer, proxy: int = 0, words: str = "") -> None:
+        self.seq += 1
+        self.restores.append((time.monotonic() + delay, self.seq, kind, srv, proxy, words))
+        self.restores.sort(key=lambda r: r[:2])
+
+    async def _restore(self, kind: str, srv: ChaosServer, proxy: int, words: str) -> None:
+        if kind == "revive":
+            self.revive(srv)
+        elif kind == "unflap":
+            srv.flapping = False
+        else:
+            await self.admin(proxy, srv, words, "ready")
+        srv.good_since = time.monotonic() + 1.0   # proxyd's checks: rise successes
+
+    async def run(self, until: float) -> None:
+        try:
+            await self._run(until)
+        except Exception:  # noqa: BLE001 -- an engine error is reported as a violation, the run goes on
+            self.engine.violation("engine", -1, f"server driver: {traceback.format_exc()}")
+        finally:
+            await self.restore_all()
+
+    async def _run(self, until: float) -> None:
+        rng = self.rng
+        # One outage at least, half way (a short run might draw none).
+        halfway = time.monotonic() + (until - time.monotonic()) / 2
+        outage_done = False
+        while True:
+            # The same draws every step, whatever is applied.
+            pause = rng.uniform(0.05, 0.35)
+            action = weighted(rng, SERVER_ACTIONS)
+            srv = rng.choice(self.servers)
+            proxy = rng.randrange(len(self.admin_paths))
+            duration = rng.uniform(0.5, 4.0)
+            blip = rng.uniform(0.05, 0.5)
+            lonely = rng.random() < 0.12         # may take a backend's last good server
+            alt = rng.random() < 0.5
+            weight = rng.choice([0, 0, 1, 2, 3, 5])
+            step_at = time.monotonic() + pause
+            while self.restores and self.restores[0][0] <= step_at:
+                due, _, kind, r_srv, r_proxy, words = self.restores[0]
+                if await self._sleep_until(due):
+                    return
+                self.restores.pop(0)
+                await self._restore(kind, r_srv, r_proxy, words)
+            if await self._sleep_until(step_at) or time.monotonic() >= until:
+                return
+            if action == "outage" or (not outage_done and time.monotonic() >= halfway):
+                outage_done = True
+                await self._outage(srv.backend, proxy, alt, min(duration, 1.5))
+            else:
+                await self._act(action, srv, proxy, duration, blip, lonely, alt, weight)
+
+    async def _sleep_until(self, when: float) -> bool:
+        """Sleep until WHEN (monotonic); True if told to stop meanwhile."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), max(0.0, when - time.monotonic()))
+            return True
+        except TimeoutError:
+            return False
+
+    async def _act(self, action, srv, proxy, duration, blip, lonely, alt, weight) -> None:
+        key = srv.key
+        if action == "weight":
+            await self.admin(proxy, srv, f"set weight {key} {weight}")
+            srv.weight[proxy] = weight
+            self.stats["sc_weight"] += 1
+            return
+        if action == "flap" and srv.mode != "http":
+            action = "blip"   # a TCP check flaps when its server blips
+        applicable = {"die": srv.alive, "blip": srv.alive, "flap": srv.alive and not srv.flapping}.get(
+            action, srv.admin[proxy] == "ready")
+        if not applicable or srv.sock is None:
+            self.stats["sc_skipped"] += 1
+            return
+        others = sum(self.good(s) for s in self.backends[srv.backend] if s is not srv)
+        if not others and self.good(srv):
+            if not lonely:
+                self.stats["sc_skipped"] += 1
+                return
+            self.stats["sc_last_server"] += 1   # a moment with no usable server: "no server" answers
+            duration = min(duration, 0.8)
+        self.stats[f"sc_{action}"] += 1
+        if action == "die":
+            self.kill(srv)
+            self._later(duration, "revive", srv)
+        elif action == "blip":
+            self.kill(srv)
+            self._later(blip, "revive", srv)
+        elif action == "flap":
+            srv.flapping = True
+            self._later(duration, "unflap", srv)
+        else:
+            words = {"disable": f"disable server {key}", "maint": f"set server {key} state maint",
+                     "drain": f"set server {key} state drain"}[action]
+            await self.admin(proxy, srv, words, "maint" if action in ("disable", "maint") else action)
+            back = f"enable server {key}" if alt and action != "drain" else f"set server {key} state ready"
+            self._later(duration, "ready", srv, proxy, back)
+
+    async def _outage(self, backend: str, proxy: int, by_admin: bool, duration: float) -> None:
+        """No server of BACKEND usable for DURATION: all dead (every proxy
+        finds its connects refused, then marks them DOWN), or all in
+        maintenance in PROXY (it answers "no server" at once)."""
+        self.stats["sc_outage"] += 1
+        for srv in self.backends[backend]:
+            if by_admin:
+                if srv.admin[proxy] == "ready":
+                    await self.admin(proxy, srv, f"disable server {srv.key}", "maint")
+                    self._later(duration, "ready", srv, proxy, f"enable server {srv.key}")
+            elif srv.alive and srv.sock is not None:
+                self.kill(srv)
+                self._later(duration, "revive", srv)
+
+    async def restore_all(self) -> None:
+        """Everything back: servers alive, checks passing, ready, weight 1."""
+        for _ in range(10):   # a port held by someone else for a moment: a revival tries again
+            restores, self.restores = self.restores, []
+            for _, _, kind, srv, proxy, words in restores:
+                await self._restore(kind, srv, proxy, words)
+            if not self.restores:
+                break
+            await asyncio.sleep(0.5)
+        for srv in self.servers:
+            for proxy in range(srv.proxies):
+                if srv.weight[proxy] != 1:
+                    await self.admin(proxy, srv, f"set weight {srv.key} 1")
+                    srv.weight[proxy] = 1
+
+    def shutdown(self) -> None:
+        """The end of the run: every server gone (checks refused, none left in a backlog)."""
+        self.stop.set()
+        for srv in self.servers:
+            self.kill(srv)
+
+
+SERVER_LINE = re.compile(r"^(\S+) proxyd\[\d+\]: Server (\S+) is (DOWN|UP), reason: ")
+NOSRV_HTTP = re.compile(r'^(\S+) proxyd\[\d+\]: \S+ fe_http (\S+)/\S+ "[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" 503 '
+                        r'.* term=([sS]C)(?: err=(.*))?$')
+NOSRV_TCP = re.compile(r"^(\S+) proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? (\S+)/\S+ Tc=\S+ Tt=\S+ up=\d+ "
+                       r"down=\d+ term=([sS]C)(?: err=(.*))?$")
+
+
+@dataclass(frozen=True)
+class NoServer:
+    """A "no server" access line: HTTP 503 or TCP closed, term SC or sC."""
+
+    proxy: int
+    t: float
+    backend: str
+    mode: str           # http | tcp
+    ident: int          # http: the request's sid; tcp: the client's port
+    line: str
+
+
+def read_server_log(p: int, path, events: dict, no_server: list) -> None:
+    """Proxy P's `Server B/S is DOWN|UP` lines (into EVENTS, (p, key) ->
+    [StateEvent]) and its "no server" access lines (into NO_SERVER)."""
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if " Server " in line:
+                    m = SERVER_LINE.match(line)
+                    if m:
+                        events.setdefault((p, m[2]), []).append(StateEvent(log_time(m[1]), m[3].lower(),
+                                                                           text=line.strip()))
+                    continue
+                if "term=SC" not in line and "term=sC" not in line:
+                    continue
+                m = NOSRV_HTTP.match(line)
+                if m:
+                    no_server.append(NoServer(p, log_time(m[1]), m[2], "http", int(m[3], 16), line.strip()))
+                    continue
+                m = NOSRV_TCP.match(line)
+                if m:
+                    no_server.append(NoServer(p, log_time(m[1]), m[3], "tcp", int(m[2]), line.strip()))
+    except FileNotFoundError:
+        pass
+
+
+def usable_servers(entry: NoServer, keys: list, unusable: dict) -> list:
+    """The servers of KEYS (its backend's) that nothing kept from use in the
+    NO_SERVER_WINDOW before ENTRY (unusable: (proxy, key) -> [(start, end)])."""
+    lo, hi = entry.t - NO_SERVER_WINDOW, entry.t + UP_MARGIN
+    return [key for key in keys if not any(a < hi and b > lo for a, b in unusable.get((entry.proxy, key), []))]
+
+
+def check_accepts(accepts: dict, forbidden: dict, late_ticks: list, stats) -> list:
+    """(t, sid, proxy, key, window) for each accept (accepts: (proxy, key) ->
+    (times, sids)) in one of its forbidden windows, unless this process's
+    loop was late enough then to have accepted it after the window opened
+    though the proxy connected before (counted in STATS)."""
+    late = sorted(late_ticks)
+    late_times = [t for t, _ in late]
+    found = []
+    for (p, key), (times, sids) in accepts.items():
+        windows = forbidden.get((p, key), [])
+        stats["sc_accepts"] += len(times)
+        if not windows:
+            continue
+        for t, sid in zip(times, sids):
+            hit = in_windows(windows, t)
+            if not hit:
+                continue
+            lo, hi = bisect.bisect_left(late_times, t - 1.0), bisect.bisect_right(late_times, t + 0.5)
+            slack = 2 * max((d for _, d in late[lo:hi]), default=0.0) + 0.05
+            if t - slack < hit[0][0]:
+                stats["sc_unavailable_lag_excused"] += 1
+                continue
+            found.append((t, sid, p, key, hit[0]))
+    return found
+
+
+def check_server_chaos(result: Result, proxies: ProxySet, engine: Engine, driver: ServerDriver) -> None:
+    """The --server-chaos invariants (unavailable, no_server), and the
+    "whole" claims of the sessions proxyd rightly had no server for taken
+    out (counted): see the module's docstring."""
+    stats = result.stats
+    events: dict = {}
+    no_server: list = []
+    for p, proxy in enumerate(proxies.proxies):
+        read_server_log(p, proxy.log_path, events, no_server)
+    for evs in events.values():
+        for ev in evs:
+            stats[f"sc_logged_{ev.kind}"] += 1
+    for p, key, event in driver.admin_log:
+        events.setdefault((p, key), []).append(event)
+    forbidden, unusable = {}, {}
+    for p in range(len(proxies.proxies)):
+        for srv in driver.servers:
+            forbidden[(p, srv.key)], unusable[(p, srv.key)] = server_windows(events.get((p, srv.key), []), GRACE)
+            unusable[(p, srv.key)] += [tuple(d) for d in driver.dead[srv.key]]
+            stats["sc_windows"] += len(forbidden[(p, srv.key)])
+
+    # unavailable: no new session on a server GRACE after it was marked down or made unavailable.
+    for t, sid, p, key, window in check_accepts(engine.accepts, forbidden, engine.late_ticks, stats):
+        plan, _ = engine.planner.by_sid(sid)
+        result.violations.append(Violation(
+            "unavailable", plan.index if plan is not None else -1,
+            f"server {key} accepted session {sid:08x} from proxyd {p} at {iso(t)}, "
+            f"{t - window[0] + GRACE:.3f}s after it became unavailable: {window[2]}",
+            plan.describe() if plan is not None else "", sid))
+
+    # no_server: each "no server" answer came when no server of its backend was usable.
+    tcp_index: dict = {}
+    for index, port, start, end in zip(*engine.tcp_sessions):
+        tcp_index.setdefault(port, []).append((start, end, index))
+    justified_http, justified_tcp = set(), []
+    for entry in no_server:
+        stats["sc_no_server"] += 1
+        keys = [srv.key for srv in driver.backends.get(entry.backend, [])]
+        usable = usable_servers(entry, keys, unusable)
+        if not usable:
+            stats["sc_no_server_justified"] += 1
+            if entry.mode == "http":
+                justified_http.add(entry.ident)
+            else:
+                justified_tcp.append(entry)
+            continue
+        if entry.mode == "http":
+            plan, _ = engine.planner.by_sid(entry.ident)
+            index = plan.index if plan is not None else -1
+        else:
+            index = next((i for a, b, i in tcp_index.get(entry.ident, []) if a - 0.5 <= entry.t <= b + 0.5), -1)
+        result.violations.append(Violation(
+            "no_server", index, f"proxyd {entry.proxy} found no server at {iso(entry.t)} though "
+                                f"{', '.join(usable)} had been listening, not DOWN in its log and ready for the "
+                                f"{NO_SERVER_WINDOW:g}s before: {entry.line}"))
+
+    def excused(v: Violation) -> bool:
+        """A "whole" claim of a session proxyd rightly found no server for (its access line says so)."""
+        if v.kind != "whole" or v.sid < 0:
+            return False
+        plan, _ = engine.planner.by_sid(v.sid)
+        if plan is None:
+            return False
+        if plan.mode == "http":
+            return v.sid in justified_http
+        p = proxies.targets[plan.target][0]
+        start, end = v.when or (0.0, 0.0)
+        return any(e.proxy == p and e.ident == v.port and start - 0.5 <= e.t <= end + 0.5 for e in justified_tcp)
+
+    kept = []
+    for v in result.violations:
+        if excused(v):
+            stats["sc_claims_excused"] += 1
+        else:
+            kept.append(v)
+    result.violations[:] = kept
+
+
 class Chaos:
     def __init__(self, options: Options, workdir: Path, say=print):
         self.options = options
         self.workdir = Path(workdir)
         self.say = say
         self.result = Result(options)
+        self.driver: ServerDriver | None = None
 
     def run(self) -> Result:
         t0 = time.monotonic()
         o = self.options
         self.say(f"chaos: seed {o.seed}, mode {o.mode}, {o.workers} workers, splice {o.splice}"
-                 f"{', reloads' if o.reloads else ''}{', resize' if o.resize else ''}, {o.duration:g}s, "
+                 f"{', reloads' if o.reloads else ''}{', resize' if o.resize else ''}"
+                 f"{', server chaos' if o.server_chaos else ''}, {o.duration:g}s, "
                  f"concurrency {o.concurrency}, profile {o.profile}; replay: {o.replay_command()}")
         listeners = {"tcp": [], "http": [], "tcp_hc": []}
         for socks in listeners.values():
-            for _ in range(2):
-                socks.append(server_listener())
+            for _ in range(CHAOS_SERVERS if o.server_chaos else 2):
+                socks.append(server_listener(reuse=o.server_chaos))
         addr = {m: [f"{LOCALHOST}:{s.getsockname()[1]}" for s in ls] for m, ls in listeners.items()}
         # TIME_WAIT is watched towards the servers of default frontends only: with
         # half_close = true, a client closing first leaves one (PRODUCT.md, "TCP mode").
@@ -1980,9 +2688,14 @@ class Chaos:
                                          f"sessions, {tw} TIME_WAIT towards its servers (allowed there)")
             proxies.check_workers(self.result, engine.peak_pool)
             proxies.check_logs(self.result)
+            if self.driver is not None:
+                self.result.notes += self.driver.notes
+                check_server_chaos(self.result, proxies, engine, self.driver)
             classify_known(self.result, proxies, engine.planner)
         finally:
             proxies.stop()
+            if self.driver is not None:
+                self.driver.close()
             for ls in listeners.values():
                 for s in ls:
                     s.close()
@@ -1992,18 +2705,38 @@ class Chaos:
     async def _main(self, engine: Engine, proxies: ProxySet, listeners: dict, server_ports: list) -> None:
         loop = asyncio.get_running_loop()
         o = self.options
+        driven = set()
+        driver = None
+        if o.server_chaos:
+            # The servers of the backends the proxies have; the others' listeners get no traffic.
+            driven = {mode for _, mode, _ in proxies.targets}
+            driver = self.driver = ServerDriver(o, engine, [
+                ChaosServer(f"{BACKENDS[mode]}/s{i}", BACKENDS[mode], "http" if mode == "http" else "tcp",
+                            s.getsockname()[1], s, len(proxies.proxies))
+                for mode, ls in listeners.items() if mode in driven for i, s in enumerate(ls, 1)],
+                proxies.admin_paths, self.say)
+            driver.start()
+            await driver.wait_all_up()
         servers = [loop.create_task(engine.serve(s, "http" if mode == "http" else "tcp"))
-                   for mode, ls in listeners.items() for s in ls]
+                   for mode, ls in listeners.items() if mode not in driven for s in ls]
         ticker = loop.create_task(engine.lag_ticker())
         start = time.monotonic()
         deadline = start + o.duration
         chaos_until = deadline - max(3.0, 0.2 * o.duration)
         chaos = loop.create_task(self._signals(engine, proxies, chaos_until)) if (o.reloads or o.resize) else None
+        servers_chaos = loop.create_task(driver.run(chaos_until)) if driver is not None else None
         monitor = loop.create_task(self._monitor(engine, proxies, server_ports, start))
         try:
             await engine.load(deadline)
             if chaos is not None:
                 await cancel(chaos)
+            if driver is not None:
+                driver.stop.set()      # (a replay of a few sessions ends before chaos_until)
+                await servers_chaos    # everything restored
+                # Every server gone: proxyd's checks are refused from now on and
+                # leave nothing behind; what they still have open ends.
+                await cancel(*driver.tasks())
+                driver.shutdown()
             # Server connections the proxy has yet to close (timeouts): each is bounded.
             wait_until = time.monotonic() + engine.server_bound() + 5
             while engine.server_tasks and time.monotonic() < wait_until:
@@ -2012,7 +2745,12 @@ class Chaos:
                 for record in record_list:
                     self.say(f"  note: server record of session {record.index} without its client's outcome")
         finally:
-            await cancel(chaos, monitor, ticker, *servers, *engine.server_tasks)
+            if driver is not None:
+                driver.stop.set()
+            await cancel(chaos, servers_chaos, monitor, ticker, *servers, *(driver.tasks() if driver else ()),
+                         *engine.server_tasks)
+            if driver is not None:
+                driver.shutdown()
         await loop.run_in_executor(None, self._tw_sample, engine, server_ports)
 
     def _tw_sample(self, engine: Engine, server_ports: list) -> None:
@@ -2042,11 +2780,17 @@ class Chaos:
             if self.options.progress and now - last_progress >= self.options.progress:
                 last_progress = now
                 s = engine.stats
+                pending = ""
+                if self.options.server_chaos:
+                    n = sum(v.kind == "whole" for v in engine.violations)
+                    pending = f" ({n} whole claims among them, to be judged against the access log)" if n else ""
                 self.say(f"  [{now - start:6.0f}s] sessions {s['sessions']} (tcp {s['tcp']}, http {s['http']}, "
                          f"{s['requests']} requests), running {engine.running}, server conns {engine.server_open}, "
                          f"client got {fmt_bytes(s['bytes_client_got'])}, server got "
-                         f"{fmt_bytes(s['bytes_server_got'])}, violations {len(engine.violations)}, reloads "
-                         f"{s['reloads']}, TTIN {s['ttin']}, TTOU {s['ttou']}, max lag {s['max_lag_ms']} ms")
+                         f"{fmt_bytes(s['bytes_server_got'])}, violations {len(engine.violations)}{pending}, reloads "
+                         f"{s['reloads']}, TTIN {s['ttin']}, TTOU {s['ttou']}, max lag {s['max_lag_ms']} ms"
+                         + (f"; servers: deaths {s['sc_die']}, blips {s['sc_blip']}, flaps {s['sc_flap']}, "
+                            f"admin commands {s['sc_admin_commands']}" if self.options.server_chaos else ""))
 
     async def _signals(self, engine: Engine, proxies: ProxySet, until: float) -> None:
         """SIGHUP reloads and TTIN/TTOU at seeded intervals, never more than
@@ -2178,6 +2922,9 @@ def parse_args(argv):
     p.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--half-close", action="store_true",
                    help="also a TCP frontend with half_close = true (FINs passed on; its servers may see TIME_WAIT)")
+    p.add_argument("--server-chaos", action="store_true",
+                   help="health checks and an admin socket; servers die and come back, checks flap, disable/"
+                        "drain/maint/set weight at random moments (new invariants: unavailable, no_server)")
     p.add_argument("--workdir", default="", help="where configs and logs go (default: a new temporary directory)")
     return p.parse_args(argv)
 
@@ -2191,7 +2938,7 @@ def main(argv=None) -> int:
                       reloads=args.reloads, resize=args.resize, concurrency=args.concurrency,
                       max_sessions=args.max_sessions, profile=args.profile, timeouts=timeouts,
                       sessions=tuple(int(s) for s in args.sessions.split(",") if s.strip()),
-                      progress=args.progress, half_close=args.half_close)
+                      progress=args.progress, half_close=args.half_close, server_chaos=args.server_chaos)
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"chaos-{seed}-")
     Path(workdir).mkdir(parents=True, exist_ok=True)
 
