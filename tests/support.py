@@ -870,3 +870,288 @@ def run_sessions(count: int, clients: int, session, join_timeout: float = 240) -
         t.join(join_timeout)
     assert not any(t.is_alive() for t in threads), "client threads still running"
     return errors
+
+
+# ------------------------------------------- health checks and the admin socket
+
+CONTROL_TITLE = re.compile(r"proxyd: control gen (\d+)")
+
+
+class CheckedServer(Backend):
+    """A server for health-check and runtime-API tests.  It tells health
+    checks from sessions and counts both, and it can stop listening and
+    listen again on the same port (held throughout, so no one else takes it:
+    a port that refuses, then a server that is back).
+
+    What it does with a connection, by its first line:
+      - nothing at all, then a close or a reset: a TCP check (kind "check");
+      - `GET CHECK_PATH HTTP/1.x`: an HTTP check (kind "check"), answered
+        with the next of the answers given to answer_checks(), then with its
+        `then` answer (200 OK by default); the code is kept in rec.code,
+        the request head in rec.head;
+      - any other HTTP request: a session (kind "http"), answered 200 with
+        the server's name as the body;
+      - any other line: a TCP session (kind "tcp"), answered with the
+        server's name and a newline, then closed; a first line `hold`
+        keeps the session open until the next line, which is echoed back
+        before the server closes.
+    Every record gets its kind (rec.kind) before anything is answered, so
+    once a client has its answer, the server's counts include its session.
+    """
+
+    def __init__(self, name: str, check_path: str = "/healthz", backlog: int = 1024):
+        self.handler = self._handle
+        self.name = name
+        self.check_path = check_path.encode()
+        self.records: list[ConnRecord] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._answers: list[tuple[int, str]] = []
+        self._then = (200, "OK")
+        self.backlog = backlog
+        # Bound to an explicit port, so that shutdown() of the listener keeps
+        # the port bound to it (a port-0 bind would lose it) and listen()
+        # takes it up again.
+        for _ in range(100):
+            sock = socket.socket()
+            try:
+                sock.bind((LOCALHOST, free_port()))
+                break
+            except OSError:
+                sock.close()
+        else:
+            raise AssertionError("no free port for a CheckedServer")
+        self.listener = sock
+        self.listener.listen(backlog)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"{LOCALHOST}:{self.port}"
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._open = 0
+        self.max_open = 0
+        self.listening = True
+        self._start_accepting()
+
+    def _start_accepting(self) -> None:
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        self._accept_thread.start()
+
+    # ------------------------------------------------------------ control
+    def stop_listening(self) -> None:
+        """Connections to the port are refused from now on (the port stays ours)."""
+        self.listener.shutdown(socket.SHUT_RDWR)   # Linux: back to a bound, closed socket
+        self._accept_thread.join(5)
+        assert not self._accept_thread.is_alive(), "accept thread still running"
+        self.listening = False
+
+    def listen_again(self) -> None:
+        self.listener.listen(self.backlog)
+        assert self.listener.getsockname()[1] == self.port, "the port was lost"
+        self.listening = True
+        self._start_accepting()
+
+    def answer_checks(self, answers=(), then: tuple[int, str] = (200, "OK")) -> None:
+        """HTTP checks from now on get ANSWERS, (code, reason) each, one per
+        check in order, then THEN for every later check."""
+        with self.lock:
+            self._answers = list(answers)
+            self._then = then
+
+    # ------------------------------------------------------------ queries
+    def of_kind(self, *kinds: str) -> list[ConnRecord]:
+        return [r for r in self.connections() if getattr(r, "kind", None) in kinds]
+
+    def checks(self) -> list[ConnRecord]:
+        return self.of_kind("check")
+
+    def sessions(self) -> list[ConnRecord]:
+        return self.of_kind("tcp", "http")
+
+    # ------------------------------------------------------------ serving
+    def _handle(self, conn: socket.socket, rec: ConnRecord, backend) -> None:
+        data = bytearray()
+        try:
+            while b"\n" not in data and len(data) < 65536:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                rec.feed(chunk)
+                data += chunk
+        except ConnectionResetError:
+            if data:
+                raise
+        if not data:
+            rec.kind = "check"   # connected and closed without a byte: a TCP check
+            return
+        line = bytes(data.split(b"\n", 1)[0]).rstrip(b"\r")
+        words = line.split(b" ")
+        if len(words) == 3 and words[2].startswith(b"HTTP/1."):
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    rec.end = "eof"
+                    return
+                rec.feed(chunk)
+                data += chunk
+            rec.head = bytes(data)
+            if words[1] == self.check_path:
+                with self.lock:
+                    code, reason = self._answers.pop(0) if self._answers else self._then
+                rec.kind, rec.code = "check", code
+                reply = f"HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            else:
+                rec.kind = "http"
+                body = self.name.encode()
+                reply = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + body)
+            conn.sendall(reply)
+            rec.sent += len(reply)
+            return
+        rec.kind = "tcp"
+        greeting = self.name.encode() + b"\n"
+        conn.sendall(greeting)
+        rec.sent += len(greeting)
+        if line != b"hold":
+            return
+        rest = bytearray(data.split(b"\n", 1)[1])
+        while b"\n" not in rest:
+            chunk = conn.recv(262144)
+            if not chunk:
+                rec.end = "eof"
+                return
+            rec.feed(chunk)
+            rest += chunk
+        conn.sendall(rest)
+        rec.sent += len(rest)
+
+
+def tcp_hello(port: int, word: bytes = b"hello", timeout: float = IO_TIMEOUT) -> str:
+    """One short TCP session with a CheckedServer behind PORT: the name of
+    the server that answered ("" if the connection closed without an answer)."""
+    with connect(port, timeout) as client:
+        client.sendall(word + b"\n")
+        return recv_all(client).decode().strip()
+
+
+def http_hello(port: int, target: str = "/hello", timeout: float = IO_TIMEOUT) -> tuple[int, str]:
+    """One GET (HTTP/1.1, Connection: close) through PORT: (status, body)."""
+    with connect(port, timeout) as client:
+        client.sendall(f"GET {target} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n".encode())
+        data = recv_all(client)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
+    return status, body.decode(errors="replace")
+
+
+def tally(count: int, clients: int, session) -> dict[str, int]:
+    """Run SESSION(i) -> a server name COUNT times over CLIENTS threads:
+    how many sessions each name answered.  AssertionError on any error."""
+    names: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def one(i):
+        name = session(i)
+        with lock:
+            names[name] = names.get(name, 0) + 1
+
+    errors = run_sessions(count, clients, one)
+    assert not errors, f"{len(errors)} sessions failed, first: {errors[0]!r}"
+    return names
+
+
+def admin_command(path, command: str, timeout: float = IO_TIMEOUT) -> str:
+    """One command on the admin socket at PATH, without `prompt`: the whole
+    answer (the control process closes the connection after it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(command.encode() + b"\n")
+        return recv_all(s).decode()
+
+
+class AdminSession:
+    """An interactive (`prompt`) session on the admin socket."""
+
+    PROMPT = b"> "
+
+    def __init__(self, path, timeout: float = IO_TIMEOUT):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.sock.sendall(b"prompt\n")
+        first = self._read_to_prompt()
+        assert first == "", f"unexpected output before the first prompt: {first!r}"
+
+    def _read_to_prompt(self) -> str:
+        data = bytearray()
+        while not (data == self.PROMPT or data.endswith(b"\n" + self.PROMPT)):
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"admin connection closed; got {bytes(data[-300:])!r}")
+            data += chunk
+        return data[:-len(self.PROMPT)].decode()
+
+    def command(self, line: str) -> str:
+        """The answer to LINE, without the empty line and prompt that follow it."""
+        self.sock.sendall(line.encode() + b"\n")
+        answer = self._read_to_prompt()
+        assert answer.endswith("\n"), f"an answer ends with an empty line: {answer!r}"
+        return answer[:-1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "AdminSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SERVERS_STATE_HEADER = ("# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight "
+                        "srv_iweight srv_time_since_last_change srv_check_status srv_check_result "
+                        "srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id "
+                        "srv_fqdn srv_port")
+
+
+def parse_servers_state(text: str) -> dict[str, dict[str, str]]:
+    """`show servers state` -> "backend/server" -> {column: value}."""
+    lines = text.rstrip("\n").split("\n")
+    assert lines[0] == "1" and lines[1] == SERVERS_STATE_HEADER, text
+    columns = lines[1][2:].split()
+    rows = {}
+    for line in lines[2:]:
+        values = line.split()
+        assert len(values) == len(columns), f"{line!r} has {len(values)} fields, not {len(columns)}"
+        row = dict(zip(columns, values))
+        rows[f"{row['be_name']}/{row['srv_name']}"] = row
+    return rows
+
+
+def servers_state(path, backend: str | None = None) -> dict[str, dict[str, str]]:
+    return parse_servers_state(admin_command(path, "show servers state" + (f" {backend}" if backend else "")))
+
+
+def stat_json(path) -> dict[str, dict]:
+    """`show stat json` -> "pxname/svname" -> row."""
+    return {f"{r['pxname']}/{r['svname']}": r for r in json.loads(admin_command(path, "show stat json"))}
+
+
+def control_processes(proxy: Proxyd) -> list[psutil.Process]:
+    """Live children of the master whose title says `proxyd: control gen N`."""
+    if not proxy.running():
+        return []
+    try:
+        children = proxy.master.children()
+    except psutil.NoSuchProcess:
+        return []
+    found = [c for c in children if CONTROL_TITLE.search(_title(c)) and alive(c)]
+    for c in found:
+        proxy.seen.setdefault(c.pid, c)   # cleaned up with the workers
+    return found
+
+
+def control_generation(proc: psutil.Process) -> int:
+    m = CONTROL_TITLE.search(_title(proc))
+    return int(m.group(1)) if m else 0
