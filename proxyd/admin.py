@@ -11,6 +11,8 @@ MAX_LINE or bytes that are not text close that connection only.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import socket
@@ -70,7 +72,7 @@ class AdminConnection:
         self._flush()
 
     def _read(self) -> None:
-        while not self.closing:
+        while not self.closing and self.sock is not None:
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
@@ -84,11 +86,11 @@ class AdminConnection:
                     self.inbuf.clear()
                 return
             self.inbuf += data
-            while b"\n" in self.inbuf and not self.closing:
+            while b"\n" in self.inbuf and not self.closing and self.sock is not None:
                 line, _, rest = bytes(self.inbuf).partition(b"\n")
                 self.inbuf = bytearray(rest)
                 self._command(line)
-            if len(self.inbuf) > MAX_LINE:
+            if len(self.inbuf) > MAX_LINE and self.sock is not None:
                 return self.close()
 
     def _command(self, raw: bytes) -> None:
@@ -136,6 +138,7 @@ class AdminConnection:
             self.close()
 
     def close(self) -> None:
+        self.closing = True
         if self.sock is not None:
             self.control.loop.forget(self.fd)
             self.sock.close()
@@ -162,7 +165,7 @@ def run(control, words: list[str]) -> str:
         return show_servers_state(control, words[3] if len(words) > 3 else None)
     if head == "show config":
         from proxyd.confdiff import config_as_dict
-        return json.dumps(config_as_dict(control.config), indent=1, sort_keys=True) + "\n"
+        return json.dumps(config_as_dict(control.config), indent=1) + "\n"   # in file order: order matters
     if head in ("disable server", "enable server") and len(words) == 3:
         backend, server = find_server(control, words[2])
         control.set_admin(backend, server, MAINT if words[0] == "disable" else READY)
@@ -217,12 +220,12 @@ def server_row(control, backend, server, iid: int, sid: int) -> dict:
     state = control.shared.read_server(record)
     if state.admin == MAINT:
         status = "MAINT"
+    elif state.admin == DRAIN:
+        status = "DRAIN"
     elif not state.checked:
         status = "no check"
-    elif state.state == DOWN:
-        status = "DOWN"
     else:
-        status = "DRAIN" if state.admin == DRAIN else "UP"
+        status = "DOWN" if state.state == DOWN else "UP"
     check = backend.health_check
     return {
         "pxname": backend.name, "svname": server.name, "scur": control.shared.server_sessions(record),
@@ -251,7 +254,9 @@ def check_status(state) -> str:
 
 
 def backend_mode(control, backend) -> str:
-    modes = {f.mode for f in control.config.frontends.values() if f.backend == backend.name}
+    """The mode of the frontends that send to BACKEND (by default or by a route)."""
+    modes = {f.mode for f in control.config.frontends.values()
+             if f.backend == backend.name or any(r.backend == backend.name for r in f.routes)}
     return modes.pop() if len(modes) == 1 else "tcp"
 
 
@@ -266,7 +271,7 @@ def stat_rows(control) -> list[dict]:
         up = [r for r in servers if r["status"] in ("UP", "no check")]
         rows += servers
         rows.append({"pxname": backend.name, "svname": "BACKEND", "scur": sum(r["scur"] for r in servers),
-                     "status": "UP" if up else "DOWN", "weight": sum(r["weight"] for r in up),
+                     "status": "UP" if up else "DOWN", "weight": sum(r["weight"] for r in up if r["act"]),
                      "act": sum(r["act"] for r in up), "bck": sum(r["bck"] for r in up),
                      "pid": control.info["master_pid"], "iid": iid, "sid": 0, "type": 1,
                      "mode": backend_mode(control, backend), "algo": backend.balance})
@@ -274,10 +279,12 @@ def stat_rows(control) -> list[dict]:
 
 
 def show_stat_csv(control) -> str:
-    lines = ["# " + ",".join(STAT_COLUMNS)]
+    out = io.StringIO()
+    out.write("# " + ",".join(STAT_COLUMNS) + "\n")
+    writer = csv.writer(out, lineterminator="\n")   # quotes a value with a comma (check_desc)
     for row in stat_rows(control):
-        lines.append(",".join(str(row.get(c, "")) for c in STAT_COLUMNS))
-    return "\n".join(lines) + "\n"
+        writer.writerow([row.get(c, "") for c in STAT_COLUMNS])
+    return out.getvalue()
 
 
 def show_servers_state(control, only: str | None) -> str:

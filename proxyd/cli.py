@@ -89,9 +89,14 @@ def main(argv=None) -> int:
     if ready is not None:
         os.close(ready)  # the waiting parent exits 0: the pidfile is there
     from proxyd.master import Master
+    from proxyd.shared import SharedFull
 
     try:
-        return Master(config, log, listeners, args.config).run()
+        try:
+            master = Master(config, log, listeners, args.config)
+        except SharedFull as e:
+            return fail(f"{args.config}: {e}")
+        return master.run()
     finally:
         if pidfile and os.getpid() == read_pid(pidfile):
             os.unlink(pidfile)

@@ -442,8 +442,8 @@ SERVER_KEYS = (
 )
 
 HEALTH_CHECK_KEYS = (
-    Key("interval", duration, 2.0, "time between checks"),
-    Key("timeout", duration, 1.0, "time a check may take"),
+    Key("interval", duration_at_least(0.01), 2.0, "time between checks"),
+    Key("timeout", duration_at_least(0.001), 1.0, "time a check may take"),
     Key("rise", integer(1, 1000), 2, "consecutive successes to mark a server up"),
     Key("fall", integer(1, 1000), 3, "consecutive failures to mark a server down"),
     Key("http_path", path_prefix, None, "GET this path and expect 2xx/3xx; unset = TCP connect check"),

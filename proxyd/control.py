@@ -97,7 +97,9 @@ class Control:
 
     def _apply_configured_weights(self) -> None:
         """A weight changed in the file wins over the one set at run time;
-        one unchanged in the file leaves the run-time weight as it was."""
+        one unchanged in the file leaves the run-time weight as it was.
+        Every record is written here once: one that a killed predecessor
+        left in the middle of a write (odd sequence number) is whole again."""
         for backend, server, record in self.records():
             state = self.shared.read_server(record)
             changes = {"checked": 1 if backend.health_check else 0}

@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 
-from proxyd.shared import DOWN, MAINT, UNCHECKED, UP
+from proxyd.shared import DOWN, MAINT, MAX_COUNT, UNCHECKED, UP
 
 INF = float("inf")
 
@@ -71,7 +71,8 @@ class Check:
                 self.due = now + self.config.interval
             if self.control.shared.server_state(self.record)[1] != MAINT:
                 self._start()
-        self._arm(self.due if self.sock is None else min(self.due, self.started + self.config.timeout))
+        # While a check runs, only its timeout; the next one is armed when it ends.
+        self._arm(self.due if self.sock is None else self.started + self.config.timeout)
 
     def _start(self) -> None:
         address = self.server.address
@@ -100,7 +101,7 @@ class Check:
             if not self.config.http_path:
                 return self._done(True, "Layer4 check passed", "", 0)
             address = self.server.address
-            host = getattr(address, "name", "") or address.host
+            host = address.name or (f"[{address.host}]" if address.family == socket.AF_INET6 else address.host)
             request = (f"GET {self.config.http_path} HTTP/1.1\r\nHost: {host}\r\n"
                        f"User-Agent: proxyd-check\r\nConnection: close\r\n\r\n").encode()
             try:
@@ -144,18 +145,19 @@ class Check:
             self.sock = None
         duration = int((time.monotonic() - self.started) * 1000)
         self.control.check_result(self, ok, status, info, code, duration)
+        self._arm(self.due)   # past already if the check took longer than the interval: next loop turn
 
 
 def next_state(state: int, rise: int, fall: int, ok: bool, cfg) -> tuple[int, int, int]:
     """(state, consecutive successes, consecutive failures) after one result."""
     if ok:
-        rise, fall = rise + 1, 0
+        rise, fall = min(rise + 1, MAX_COUNT), 0
         if state == DOWN and rise >= cfg.rise:
             state = UP
         elif state == UNCHECKED:
             state = UP
     else:
-        rise, fall = 0, fall + 1
+        rise, fall = 0, min(fall + 1, MAX_COUNT)
         # A server not yet confirmed by a check (UNCHECKED) is one failure from down.
         if state == UNCHECKED or (state == UP and fall >= cfg.fall):
             state = DOWN

@@ -28,7 +28,7 @@ from proxyd import config as config_module
 from proxyd.control import Control
 from proxyd.listeners import BindError, Listeners
 from proxyd.log import Log
-from proxyd.shared import READY, Shared
+from proxyd.shared import READY, Shared, SharedFull
 from proxyd.worker import Worker
 
 try:
@@ -133,7 +133,7 @@ class Master:
         elif number == signal.SIGUSR1:
             self.log.reopen()
             self.log.info("log reopened")
-            self._signal(self.workers.values(), signal.SIGUSR1)
+            self._signal([*self.workers.values(), *([self.control] if self.control else [])], signal.SIGUSR1)
         elif number == signal.SIGTTIN:
             self.add_worker()
         elif number == signal.SIGTTOU:
@@ -141,7 +141,12 @@ class Master:
 
     # ------------------------------------------------------------ workers
     def _spawn(self, slot: int) -> None:
-        shared_slot = self.shared.allocate(0.0)
+        try:
+            shared_slot = self.shared.allocate(0.0)
+        except SharedFull as e:
+            self.log.error(f"cannot start worker {slot + 1}: {e}; retrying in {BACKOFF_MAX:g}s")
+            self.respawn_at[slot] = time.monotonic() + BACKOFF_MAX
+            return
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -252,6 +257,10 @@ class Master:
                 self.log.error(f"control process (pid {control.pid}) has not answered for "
                                f"{now - (beat if beat > 0 else control.started):.1f}s; killing it")
                 self._signal([control], signal.SIGKILL)
+        elif control is not None and control.deadline and now > control.deadline:
+            self.log.warning(f"control process (pid {control.pid}) overran its stop; killing it")
+            self._signal([control], signal.SIGKILL)
+            control.deadline = 0.0
         if self.previous and all(w.ready for w in self.workers.values() if w.generation == self.generation):
             self._promote()
 
@@ -291,7 +300,12 @@ class Master:
             self._spawn_control()
 
     def _spawn_control(self) -> None:
-        shared_slot = self.shared.allocate(0.0)
+        try:
+            shared_slot = self.shared.allocate(0.0)
+        except SharedFull as e:
+            self.log.error(f"cannot start the control process: {e}; retrying in {BACKOFF_MAX:g}s")
+            self.control_respawn_at = time.monotonic() + BACKOFF_MAX
+            return
         info = {"master_pid": self.pid, "started": self.started, "workers": self.count,
                 "generation": self.generation}
         pid = os.fork()
@@ -362,13 +376,18 @@ class Master:
             self.listeners.bind(new, count)
         except BindError as e:
             return self.log.error(f"reload failed, keeping the running configuration: {e}")
+        try:
+            self._assign_servers(new, self.last_generation + 1)
+        except SharedFull as e:
+            self._assign_servers(self.config, self.last_generation + 1)
+            self.listeners.close_unused(self.config)
+            return self.log.error(f"reload failed, keeping the running configuration: {e}")
         self.previous = (self.config, self.count, self.generation)
         self.config, self.count = new, count
         self.last_generation += 1
         self.generation = self.last_generation
         self.respawn_at.clear()
         self.failures.clear()
-        self._assign_servers(new, self.generation)
         self.admin.bind(new.global_.admin_socket, new.global_.admin_socket_mode)
         self._restart_control()
         self.log.info(f"reloading {self.config_path}: generation {self.generation}, {count} workers")

@@ -56,11 +56,27 @@ import struct
 import time
 
 PROC = struct.Struct("=qd")            # pid, heartbeat (time.monotonic(): one clock for all processes)
-SERVER = struct.Struct("=I64sBBHHhId96sBHdH")
-# seq, name, state, checked, rise_count, fall_count, last status code,
-# check duration ms, last check time (time.time()), reason (status and
-# info), admin state, effective weight, last change (time.time()), the
-# configured weight it was last set from
+# A server record: a sequence number, then what workers read on every
+# choice (state, admin state, effective weight: HOT, one small read), then
+# the rest.  Fields in FIELDS order after the sequence number.
+SERVER = struct.Struct("=IBBH64sBHHhId96sdH")
+HOT = struct.Struct("=IBBH")
+SEQ = struct.Struct("=I")
+FIELDS = ("state", "admin", "weight", "name", "checked", "rise", "fall", "code", "duration", "checked_at",
+          "reason", "changed_at", "config_weight")
+# state: UNCHECKED/UP/DOWN; admin: READY/DRAIN/MAINT; checked: 1 if the
+# backend has a health_check; rise, fall: consecutive check results (capped);
+# code: last HTTP status of a check; duration: of the last check, ms;
+# checked_at, changed_at: time.time() of the last check, of the last state
+# change; reason: the last check's status and info; config_weight: the
+# configured weight the effective weight was last set from.
+SERVER_STRIDE = (SERVER.size + 7) & ~7
+# A reader retries a record its writer is in the middle of, this many times
+# at most: a writer killed there (SIGKILL between two stores) leaves the
+# sequence number odd until the next control process writes the record
+# again, and no reader may spin on it meanwhile (a worker least of all).
+READ_TRIES = 100
+MAX_COUNT = 0xFFFF
 HEADER = struct.Struct("=I")            # process slots in use: [0, high water)
 MAX_PROCS = 1024                        # processes alive at once, all generations together
 MAX_SERVERS = 4096                      # server records alive at once, all generations together
@@ -73,7 +89,7 @@ ADMIN_NAMES = {READY: "ready", DRAIN: "drain", MAINT: "maint"}
 
 def _layout() -> dict[str, tuple[int, int]]:
     """region -> (offset, size): the one table every process reads the memory by."""
-    sizes = {"header": HEADER.size, "procs": PROC.size * MAX_PROCS, "servers": SERVER.size * MAX_SERVERS,
+    sizes = {"header": HEADER.size, "procs": PROC.size * MAX_PROCS, "servers": SERVER_STRIDE * MAX_SERVERS,
              "sessions": 4 * MAX_PROCS * MAX_SERVERS}
     layout, offset = {}, 0
     for name, size in sizes.items():
@@ -90,18 +106,21 @@ ZERO_ROW = memoryview(bytearray(4 * MAX_PROCS)).cast("i")
 class ServerState:
     """One read of a server record (a snapshot; never written back)."""
 
-    __slots__ = ("name", "state", "checked", "rise", "fall", "code", "duration", "checked_at", "reason",
-                 "admin", "weight", "changed_at", "config_weight")
+    __slots__ = FIELDS
 
     def __init__(self, fields):
-        (_, name, self.state, self.checked, self.rise, self.fall, self.code, self.duration, self.checked_at,
-         reason, self.admin, self.weight, self.changed_at, self.config_weight) = fields
-        self.name = name.rstrip(b"\0").decode()
-        self.reason = reason.rstrip(b"\0").decode(errors="replace")
+        for name, value in zip(FIELDS, fields[1:]):
+            setattr(self, name, value)
+        self.name = self.name.rstrip(b"\0").decode()
+        self.reason = self.reason.rstrip(b"\0").decode(errors="replace")
 
     @property
     def up(self) -> bool:
         return self.state != DOWN
+
+
+class SharedFull(Exception):
+    """No record or process slot left in the mmap."""
 
 
 class SlotPipe:
@@ -170,6 +189,8 @@ class Shared:
     # ------------------------------------------------------------ processes
     def allocate(self, now: float) -> int:
         """Master: a process slot for a child about to be forked."""
+        if not self.free_procs:
+            raise SharedFull(f"more than {MAX_PROCS} processes, counting those of draining generations")
         index = self.free_procs.pop()
         PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, 0, now)
         high = HEADER.unpack_from(self.memory, 0)[0]
@@ -208,6 +229,8 @@ class Shared:
             if record is None:
                 record, _ = self.retired.pop(key, (None, 0))
             if record is None:
+                if not self.free_servers:
+                    raise SharedFull(f"more than {MAX_SERVERS} servers, counting those of draining generations")
                 record = self.free_servers.pop()
                 admin, weight = initial(key)
                 self._write_fresh(record, key, admin, weight)
@@ -244,39 +267,44 @@ class Shared:
         # A new server starts up, one failed check from down (HAProxy's
         # start-up state): traffic flows at once, and a dead server is
         # marked down by its first check.
-        SERVER.pack_into(self.memory, self._server_offset(record), 0, key.encode()[:64], UNCHECKED, 0, 0, 0, 0,
-                         0, 0.0, b"", admin, weight, time.time(), weight)
+        SERVER.pack_into(self.memory, self._server_offset(record), 0, UNCHECKED, admin, weight, key.encode()[:64],
+                         0, 0, 0, 0, 0, 0.0, b"", time.time(), weight)
 
     # ------------------------------------------------------------ servers (everyone)
     def _server_offset(self, record: int) -> int:
-        return LAYOUT["servers"][0] + record * SERVER.size
+        return LAYOUT["servers"][0] + record * SERVER_STRIDE
 
     def read_server(self, record: int) -> ServerState:
         """A consistent snapshot of RECORD (retried while its writer is in it)."""
         offset = self._server_offset(record)
-        while True:
+        for _ in range(READ_TRIES):
             fields = SERVER.unpack_from(self.memory, offset)
-            if fields[0] & 1 == 0 and SERVER.unpack_from(self.memory, offset)[0] == fields[0]:
-                return ServerState(fields)
+            if fields[0] & 1 == 0 and SEQ.unpack_from(self.memory, offset)[0] == fields[0]:
+                break
+        return ServerState(fields)
 
     def write_server(self, record: int, **changes) -> None:
         """The control process (the record's one writer): change some fields."""
         offset = self._server_offset(record)
-        seq, name, *rest = SERVER.unpack_from(self.memory, offset)
-        current = dict(zip(ServerState.__slots__[1:], rest))
+        seq, *values = SERVER.unpack_from(self.memory, offset)
+        current = dict(zip(FIELDS, values))
         current.update(changes)
         if isinstance(current["reason"], str):
             current["reason"] = current["reason"].encode(errors="replace")[:96]
-        struct.pack_into("=I", self.memory, offset, seq + 1)   # odd: a write is under way
-        SERVER.pack_into(self.memory, offset, seq + 1, name, *(current[k] for k in ServerState.__slots__[1:]))
-        struct.pack_into("=I", self.memory, offset, seq + 2)
+        seq &= ~1   # odd only if a writer was killed in the middle: this write ends it
+        SEQ.pack_into(self.memory, offset, seq + 1)   # odd: a write is under way
+        SERVER.pack_into(self.memory, offset, seq + 1, *(current[k] for k in FIELDS))
+        SEQ.pack_into(self.memory, offset, (seq + 2) & 0xFFFFFFFF)
 
     def server_state(self, record: int) -> tuple[int, int, int]:
         """(operational state, admin state, weight): what a worker needs to
-        choose, read without the seqlock (three aligned small fields, each
-        written whole; a read between them is at worst one change late)."""
-        fields = SERVER.unpack_from(self.memory, self._server_offset(record))
-        return fields[2], fields[10], fields[11]
+        choose, in one small read under the seqlock."""
+        offset = self._server_offset(record)
+        for _ in range(READ_TRIES):
+            seq, state, admin, weight = HOT.unpack_from(self.memory, offset)
+            if seq & 1 == 0 and SEQ.unpack_from(self.memory, offset)[0] == seq:
+                break
+        return state, admin, weight
 
     # ------------------------------------------------------------ sessions per server
     def add_session(self, record: int, slot: int, delta: int) -> None:

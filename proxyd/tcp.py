@@ -277,7 +277,7 @@ def connect_next(worker, backend, client_ip: str, tried: list) -> tuple:
         if server is QUEUE:
             return None, ("Q", "queued")
         if server is None:
-            return None, ("SC", "no server available")
+            return None, ("SC", "no_server")
         if not server.take_slot():
             full.append(server)   # another worker took its last slot first
             continue
@@ -429,7 +429,7 @@ class TcpSession:
         client = self.client
         if mask & TROUBLE:
             if self.state is CONNECTING:
-                return self._end("CC", "client gone")
+                return self._end("CC", "client_gone")
             err = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err and self.state is RELAYING:
                 # Reset (a client that had closed answers our bytes so): no
@@ -535,7 +535,7 @@ class TcpSession:
         if now < expiry:
             return self._arm(expiry)
         if self.state is CONNECTING and self.queued_until:
-            self._end("sQ", "queue timeout")
+            self._end("sQ", "queue_timeout")
         elif self.state is CONNECTING:
             self._connect_failed(errno.ETIMEDOUT, "sC")
         elif self.state is RELAYING and (self.up.ended or self.down.ended):
@@ -592,7 +592,7 @@ class TcpSession:
         """An unexpected exception in this session: end it, server reset."""
         if self.state is not CLOSED:
             self.term = "P" + ("C" if self.state is CONNECTING else "D")
-            self.err = "internal error"
+            self.err = "internal_error"
             self._finish(reset_server=True)
 
     def _end(self, term: str, err: str) -> None:

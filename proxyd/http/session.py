@@ -707,7 +707,7 @@ class HttpSession:
                 return self.idle_since + config.timeout_http_keep_alive, self._keepalive_timeout
             return x.started + config.timeout_http_request, self._request_timeout
         if self.state is CONNECTING and x.queued_until:
-            return x.queued_until, lambda: self._reject(503, "queue timeout", "sQ")
+            return x.queued_until, lambda: self._reject(503, "queue_timeout", "sQ")
         if self.state is CONNECTING:
             return (self.attempt_started + x.backend.config.timeout_connect,
                     lambda: self._connect_failed(errno.ETIMEDOUT, timed_out=True))
@@ -764,7 +764,7 @@ class HttpSession:
     def crash(self) -> None:
         if self.state is not CLOSED:
             self.term = "P" + self._phase()
-            self.err = "internal error"
+            self.err = "internal_error"
             self._drop_server(reset=True)
             if self.state is not LINGER:
                 self._log()

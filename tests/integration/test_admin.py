@@ -515,9 +515,6 @@ def test_bad_input_closes_that_connection_only(servers, proxyd, admin_path):
 
 # ------------------------------------------------------------------ defects found
 
-@pytest.mark.xfail(strict=True, reason="show stat writes check_desc unquoted, and proxyd's check_desc has commas "
-                   "('Layer4 connection problem, info: \"Connection refused\"', 'Layer7 check passed, code: 200'): "
-                   "such a server's CSV row has more fields than the header")
 def test_show_stat_csv_rows_have_the_header_fields(servers, proxyd, admin_path, reserve_port):
     (s1,) = servers("s1")
     dead = f"{LOCALHOST}:{reserve_port()}"
@@ -530,9 +527,6 @@ def test_show_stat_csv_rows_have_the_header_fields(servers, proxyd, admin_path, 
     assert {f"{r[0]}/{r[1]}": len(r) for r in rows} == {f"{r[0]}/{r[1]}": len(header) for r in rows}, text
 
 
-@pytest.mark.xfail(strict=True, reason="a drained server of a backend without health_check shows as 'no check' in "
-                   "show stat (server_row tests 'not checked' before 'drain'); HAProxy shows DRAIN, and the drain "
-                   "is then invisible in the stats")
 def test_drain_shows_in_show_stat_without_checks(servers, proxyd, admin_path):
     both = servers("s1", "s2")
     proxyd(config(both, admin_path))

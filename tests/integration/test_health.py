@@ -381,9 +381,6 @@ def tcp_access_lines(proxy) -> list[str]:
 TCP_NO_SERVER = re.compile(r" tcp app/- Tc=-1 Tt=\d+ up=0 down=0 term=SC( |$)")
 
 
-@pytest.mark.xfail(strict=True, reason="a TCP session refused for want of a server is logged with "
-                   "'err=no server available' (spaces), not one ERRNO-NAME token as docs/CONTRACT.md's tcplog "
-                   "layout says: tests.support.parse_access_line does not read the line")
 def test_no_server_tcp_access_line_has_the_documented_layout(servers, proxyd):
     (s1,) = servers("s1")
     s1.answer_checks(then=(503, "Service Unavailable"))
@@ -432,12 +429,6 @@ def test_checks_leave_no_timewait(servers, proxyd):
         f"TIME_WAIT sockets towards the servers after {total(everyone)} checks"
 
 
-@pytest.mark.xfail(strict=True, reason="a check still running at its next due time (here: a server that never "
-                   "answers, timeout 1s > interval 300ms) makes the control process spin: Check.on_timer re-arms "
-                   "its one timer at its due time, already past, and Loop.run_once's timer loop pops it again and "
-                   "again without going back to epoll; no check ends or starts and the admin socket is not "
-                   "served until the master kills it for its heartbeat (worker_timeout), and the next one spins "
-                   "the same way")
 def test_a_check_slower_than_its_interval_keeps_the_control_process_going(servers, backend, proxyd, admin_path):
     """A server that accepts and never answers its HTTP check, with a check
     timeout longer than the interval: it is marked down by a Layer7 timeout,
@@ -537,11 +528,6 @@ def test_states_survive_reloads_and_a_killed_control_process(servers, proxyd, ad
     assert log_lines_with(proxy, f"control process (pid {control.pid}) died"), proxy.log_tail(20)
 
 
-@pytest.mark.xfail(strict=True, reason="the master gives the control process it tells to stop (SIGTERM, on a "
-                   "reload or a stop) a deadline (control.deadline = now + STOP_TIMEOUT, 5 s) that nothing ever "
-                   "checks: one that does not exit (here SIGSTOPped; or spinning) is never killed, so after a "
-                   "reload no control process of the new generation starts (no checks, no runtime API), and a "
-                   "TERM to the master never ends proxyd")
 def test_a_control_process_that_does_not_stop_is_replaced_on_reload(servers, proxyd, admin_path):
     """The control process is stopped (SIGSTOP: it cannot act on the TERM a
     reload sends it); after a HUP, the master kills it once it has overrun
@@ -615,10 +601,6 @@ def _shared_memory(pid: int) -> tuple[int, int]:
     raise AssertionError(f"no shared mapping of {size} bytes in the master's maps")
 
 
-@pytest.mark.xfail(strict=True, reason="a control process killed between the two halves of shared.write_server "
-                   "leaves the record's sequence number odd; every later read_server (the next control "
-                   "process's start-up, its check results, show stat) spins on it forever: the runtime API and "
-                   "the health checks stop for good")
 def test_control_process_killed_in_the_middle_of_a_record_write(servers, proxyd, admin_path):
     """What a SIGKILL that lands while the control process writes a server
     record leaves behind (the record's seqlock odd), made on purpose: the
