@@ -74,13 +74,18 @@ first), brings them back on the same port, makes HTTP checks answer 503 for
 a while, blips TCP servers (closed for a moment: TCP checks flap), and
 issues `disable server`, `enable server`, `set server ... state
 drain|maint|ready` and `set weight` on the admin sockets, keeping one
-server of each backend usable nearly all the time.  Two more invariants:
+server of each backend usable nearly all the time.  More invariants:
 
 * unavailable: no server accepts a new session (identified by its tag)
   more than GRACE seconds after the proxy that sent it logged it `is DOWN`,
   or after an admin command that made it unavailable there (disable, maint,
   drain) was answered, until it is logged `is UP` or made ready again (all
   on the wall clock: proxyd's log lines are UTC times);
+* weight0: no server accepts a new session more than GRACE seconds after
+  `set weight ... 0` was answered (until a weight above 0 is sent) while
+  another server of its backend surely had a weight above 0 and nothing
+  kept it from use in the second before (proxyd gives weight-0 servers
+  sessions only when every usable server has weight 0);
 * no_server: every "no server" answer proxyd logs (HTTP 503, TCP closed,
   term SC/sC) came when each server of the backend was unusable within the
   second before: dead (our record), DOWN in that proxy's log, or not ready
@@ -135,18 +140,18 @@ HEAD_PREFIX = re.compile(rb"[0-9a-f]{0,8}|[0-9a-f]{8}U0{0,12}")  # the start of 
 # --server-chaos
 CHAOS_SERVERS = 3        # servers per backend
 CHECK_PATH = "/chaos-check"
-# The HTTP check's timeout leaves room for this process's own loop lag; both
-# stay well below their interval (a check still running when the next one is
-# due spins the control process: pinned in tests/integration/test_chaos.py).
+# The HTTP check's timeout leaves room for this process's own loop lag, and is
+# longer than its interval (a check still running when the next is due: the
+# control process once spun on it, tests/integration/test_chaos.py).
 HEALTH_CHECKS = {
-    "tcp": {"interval": "500ms", "timeout": "100ms", "rise": 2, "fall": 2},
-    "http": {"interval": "600ms", "timeout": "200ms", "rise": 1, "fall": 2, "http_path": CHECK_PATH},
+    "tcp": {"interval": "250ms", "timeout": "100ms", "rise": 2, "fall": 2},
+    "http": {"interval": "300ms", "timeout": "400ms", "rise": 1, "fall": 2, "http_path": CHECK_PATH},
 }
 GRACE = 1.0              # a server marked down or made unavailable may get new sessions this long, no longer
 UP_MARGIN = 0.05         # a session may reach a server this long before the `is UP` line's time (ms stamps)
 NO_SERVER_WINDOW = 1.0   # a "no server" answer is justified by a server unusable this long before it
 SERVER_ACTIONS = {"die": 22, "blip": 10, "flap": 16, "disable": 10, "maint": 6, "drain": 12, "weight": 14,
-                  "outage": 2}   # outage: every server of a backend dead, or in maintenance in one proxy
+                  "outage": 1}   # outage: every server of a backend dead, or in maintenance in one proxy
 
 
 # ------------------------------------------------------------------ options
@@ -800,7 +805,9 @@ class Result:
                 (f"  proxyd logged DOWN {s['sc_logged_down']}, UP {s['sc_logged_up']}; accepts checked "
                  f"{s['sc_accepts']} against {s['sc_windows']} unavailability windows (excused, our loop late: "
                  f"{s['sc_unavailable_lag_excused']}); no-server answers {s['sc_no_server']} (justified "
-                 f"{s['sc_no_server_justified']}), whole claims they excused {s['sc_claims_excused']}"),
+                 f"{s['sc_no_server_justified']}), whole claims they excused {s['sc_claims_excused']}; rebinds that "
+                 f"failed {s['sc_rebind_failed']}; accepts at "
+                 f"weight 0 {s['sc_weight0_accepts']}"),
             ]
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  violations: {len(self.violations)}")
@@ -2189,6 +2196,29 @@ def server_windows(events, grace: float = GRACE) -> tuple[list, list]:
     return [w for w in forbidden if w[0] < w[1]], unusable
 
 
+def weight_windows(changes, grace: float = GRACE) -> tuple[list, list]:
+    """From one server's `set weight` commands in one proxy ((weight, wall
+    sent, wall answered)): (zero, positive).  zero: (start, end, why) windows
+    from GRACE after a weight 0 was answered until a positive one was sent;
+    positive: (start, end) intervals in which its weight was surely above 0
+    (the configured 1 from the start)."""
+    zero, positive = [], []
+    weight, since = 1, -math.inf
+    for w, sent, answered in sorted(changes, key=lambda c: c[1]):
+        if (w == 0) != (weight == 0):
+            if weight == 0:
+                zero.append((since + grace, sent, f"weight 0 answered at {iso(since)}, weight {w} sent at {iso(sent)}"))
+            else:
+                positive.append((since, sent))
+            since = answered
+        weight = w
+    if weight == 0:
+        zero.append((since + grace, math.inf, f"weight 0 answered at {iso(since)}, never above 0 again"))
+    else:
+        positive.append((since, math.inf))
+    return [z for z in zero if z[0] < z[1]], positive
+
+
 def in_windows(windows: list, t: float) -> list:
     """The windows of WINDOWS (start, end, ...) that hold T."""
     return [w for w in windows if w[0] <= t < w[1]]
@@ -2214,6 +2244,7 @@ class ServerDriver:
             self.backends.setdefault(srv.backend, []).append(srv)
         self.dead: dict = {srv.key: [] for srv in servers}       # key -> [[wall dead, wall alive again]]
         self.admin_log: list = []     # (proxy, key, StateEvent)
+        self.weight_log: list = []    # (proxy, key, weight, wall sent, wall answered)
         self.restores: list = []      # (monotonic due, seq, kind, server, proxy, words)
         self.seq = 0
         self.stop = asyncio.Event()
@@ -2291,7 +2322,8 @@ class ServerDriver:
             self.stats["sc_rebind_failed"] += 1
             if self.stats["sc_rebind_failed"] == 1:
                 holders = support.ss("-tanpo", "state", "all", f"( sport = :{srv.port} )")
-                self.notes.append(f"server {srv.key} could not bind :{srv.port} again ({e}); held by: {holders[:5]}")
+                self.notes.append(f"server {srv.key} could not bind :{srv.port} again at {iso(time.time())} ({e}; this "
+                                  f"process is pid {os.getpid()}); held by: {holders[:5]}")
             return None
         placeholder.setblocking(False)
         return placeholder
@@ -2330,9 +2362,10 @@ class ServerDriver:
             self.engine.violation("admin", -1, f"proxyd {proxy}: {words!r}: {e!r}")
             return None
 
-    async def admin(self, proxy: int, srv: ChaosServer, words: str, state: str = "") -> None:
-        """A command changing SRV, its sending and its answer timed; STATE:
-        the admin state it sets (ready, drain, maint), for the checks."""
+    async def admin(self, proxy: int, srv: ChaosServer, words: str, state: str = "", weight: int = -1) -> None:
+        """A command changing SRV, its sending and its answer timed, for the
+        checks; STATE: the admin state it sets (ready, drain, maint); WEIGHT:
+        the weight it sets."""
         sent = time.time()
         answer = await self.ask(proxy, words)
         answered = time.time()
@@ -2345,6 +2378,9 @@ class ServerDriver:
         if state:
             srv.admin[proxy] = state
             self.admin_log.append((proxy, srv.key, StateEvent(sent, "admin", state, answered, words)))
+        if weight >= 0:
+            srv.weight[proxy] = weight
+            self.weight_log.append((proxy, srv.key, weight, sent, answered))
 
     # ------------------------------------------------------------ the schedule
     def good(self, srv: ChaosServer) -> bool:
@@ -2401,7 +2437,7 @@ class ServerDriver:
                 return
             if action == "outage" or (not outage_done and time.monotonic() >= halfway):
                 outage_done = True
-                await self._outage(srv.backend, proxy, alt, min(duration, 1.5))
+                await self._outage(srv.backend, proxy, alt, min(duration, 1.2))
             else:
                 await self._act(action, srv, proxy, duration, blip, lonely, alt, weight)
 
@@ -2416,8 +2452,7 @@ class ServerDriver:
     async def _act(self, action, srv, proxy, duration, blip, lonely, alt, weight) -> None:
         key = srv.key
         if action == "weight":
-            await self.admin(proxy, srv, f"set weight {key} {weight}")
-            srv.weight[proxy] = weight
+            await self.admin(proxy, srv, f"set weight {key} {weight}", weight=weight)
             self.stats["sc_weight"] += 1
             return
         if action == "flap" and srv.mode != "http":
@@ -2477,8 +2512,7 @@ class ServerDriver:
         for srv in self.servers:
             for proxy in range(srv.proxies):
                 if srv.weight[proxy] != 1:
-                    await self.admin(proxy, srv, f"set weight {srv.key} 1")
-                    srv.weight[proxy] = 1
+                    await self.admin(proxy, srv, f"set weight {srv.key} 1", weight=1)
 
     def shutdown(self) -> None:
         """The end of the run: every server gone (checks refused, none left in a backlog)."""
@@ -2543,8 +2577,7 @@ def check_accepts(accepts: dict, forbidden: dict, late_ticks: list, stats) -> li
     (times, sids)) in one of its forbidden windows, unless this process's
     loop was late enough then to have accepted it after the window opened
     though the proxy connected before (counted in STATS)."""
-    late = sorted(late_ticks)
-    late_times = [t for t, _ in late]
+    slack = LoopSlack(late_ticks)
     found = []
     for (p, key), (times, sids) in accepts.items():
         windows = forbidden.get((p, key), [])
@@ -2555,12 +2588,56 @@ def check_accepts(accepts: dict, forbidden: dict, late_ticks: list, stats) -> li
             hit = in_windows(windows, t)
             if not hit:
                 continue
-            lo, hi = bisect.bisect_left(late_times, t - 1.0), bisect.bisect_right(late_times, t + 0.5)
-            slack = 2 * max((d for _, d in late[lo:hi]), default=0.0) + 0.05
-            if t - slack < hit[0][0]:
+            if t - slack(t) < hit[0][0]:
                 stats["sc_unavailable_lag_excused"] += 1
                 continue
             found.append((t, sid, p, key, hit[0]))
+    return found
+
+
+class LoopSlack:
+    """How much earlier than this process's accept a connection may have
+    been made, from the loop's late ticks ((wall time, seconds late))
+    around it."""
+
+    def __init__(self, late_ticks: list):
+        self.late = sorted(late_ticks)
+        self.times = [t for t, _ in self.late]
+
+    def __call__(self, t: float) -> float:
+        lo, hi = bisect.bisect_left(self.times, t - 1.0), bisect.bisect_right(self.times, t + 0.5)
+        return 2 * max((d for _, d in self.late[lo:hi]), default=0.0) + 0.05
+
+
+def check_weight_zero(accepts: dict, zero: dict, positive: dict, unusable: dict, backends: dict,
+                      late_ticks: list, stats) -> list:
+    """(t, sid, proxy, key, window, better) for each accept on a server in
+    one of its weight-0 windows while another server of its backend, BETTER,
+    surely had a weight above 0 and nothing kept it from use in the
+    NO_SERVER_WINDOW before (proxyd's candidates: weight 0 only when every
+    usable server has weight 0)."""
+    slack = LoopSlack(late_ticks)
+    found = []
+    for (p, key), (times, sids) in accepts.items():
+        windows = zero.get((p, key), [])
+        if not windows:
+            continue
+        others = [k for k in backends.get(key.split("/")[0], []) if k != key]
+        for t, sid in zip(times, sids):
+            hit = in_windows(windows, t)
+            if not hit:
+                continue
+            stats["sc_weight0_accepts"] += 1
+            lo, hi = t - NO_SERVER_WINDOW, t + UP_MARGIN
+            better = [k for k in others
+                      if any(a <= lo and b >= hi for a, b in positive.get((p, k), [(-math.inf, math.inf)]))
+                      and not any(a < hi and b > lo for a, b in unusable.get((p, k), []))]
+            if not better:
+                continue
+            if t - slack(t) < hit[0][0]:
+                stats["sc_unavailable_lag_excused"] += 1
+                continue
+            found.append((t, sid, p, key, hit[0], better))
     return found
 
 
@@ -2592,6 +2669,23 @@ def check_server_chaos(result: Result, proxies: ProxySet, engine: Engine, driver
             "unavailable", plan.index if plan is not None else -1,
             f"server {key} accepted session {sid:08x} from proxyd {p} at {iso(t)}, "
             f"{t - window[0] + GRACE:.3f}s after it became unavailable: {window[2]}",
+            plan.describe() if plan is not None else "", sid))
+
+    # weight0: no new session on a server at weight 0 while another of its backend was there to take it.
+    changes: dict = {}
+    for p, key, weight, sent, answered in driver.weight_log:
+        changes.setdefault((p, key), []).append((weight, sent, answered))
+    zero, positive = {}, {}
+    for pk, cs in changes.items():
+        zero[pk], positive[pk] = weight_windows(cs, GRACE)
+    keys_of = {b: [srv.key for srv in servers] for b, servers in driver.backends.items()}
+    for t, sid, p, key, window, better in check_weight_zero(engine.accepts, zero, positive, unusable, keys_of,
+                                                           engine.late_ticks, stats):
+        plan, _ = engine.planner.by_sid(sid)
+        result.violations.append(Violation(
+            "weight0", plan.index if plan is not None else -1,
+            f"server {key} accepted session {sid:08x} from proxyd {p} at {iso(t)} at weight 0 ({window[2]}) "
+            f"though {', '.join(better)} had a weight above 0 and were usable",
             plan.describe() if plan is not None else "", sid))
 
     # no_server: each "no server" answer came when no server of its backend was usable.
