@@ -90,8 +90,9 @@ server of each backend usable nearly all the time.  More invariants:
   term SC/sC) came when each server of the backend was unusable within the
   second before: dead (our record), DOWN in that proxy's log, or not ready
   after an admin command.  Only the "whole" claims of sessions whose access
-  line says so, and that are so justified, are excused (counted); nothing
-  else is.
+  line says so, and that are so justified, are excused (counted), and those
+  of sessions a dying server lost in its backlog (lost_in_backlogs: the
+  evidence is all there or nothing is excused); nothing else is.
 
 Violations of a known proxyd defect (KNOWN) are recognised after the run
 (classify_known: e.g. an answer the client lost to a reset though proxyd's
@@ -805,7 +806,8 @@ class Result:
                 (f"  proxyd logged DOWN {s['sc_logged_down']}, UP {s['sc_logged_up']}; accepts checked "
                  f"{s['sc_accepts']} against {s['sc_windows']} unavailability windows (excused, our loop late: "
                  f"{s['sc_unavailable_lag_excused']}); no-server answers {s['sc_no_server']} (justified "
-                 f"{s['sc_no_server_justified']}), whole claims they excused {s['sc_claims_excused']}; rebinds that "
+                 f"{s['sc_no_server_justified']}), whole claims excused {s['sc_claims_excused']} (of sessions lost in "
+                 f"a dying server's backlog: {s['sc_backlog_lost']}); rebinds that "
                  f"failed {s['sc_rebind_failed']}; accepts at "
                  f"weight 0 {s['sc_weight0_accepts']}"),
             ]
@@ -922,9 +924,7 @@ class Engine:
         self.stats["peak"] = max(self.stats["peak"], self.running)
 
     # ------------------------------------------------------------ servers
-    async def serve(self, lsock: socket.socket, mode: str, server=None) -> None:
-        """Accept on LSOCK until cancelled; SERVER (a ChaosServer, with
-        --server-chaos) is told each session it accepts."""
+    async def serve(self, lsock: socket.socket, mode: str) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -937,10 +937,11 @@ class Engine:
                     await asyncio.sleep(0.1)
                     continue
                 return
-            self.server_conn(sock, mode, server)
+            self.server_conn(sock, mode)
 
     def server_conn(self, sock: socket.socket, mode: str, server=None) -> None:
-        """Serve an accepted connection (a task of its own)."""
+        """Serve an accepted connection (a task of its own); SERVER (a
+        ChaosServer, with --server-chaos) is told each session it accepts."""
         at = time.time()
         sock.setblocking(False)
         task = asyncio.get_running_loop().create_task(self._server_conn(sock, mode, server, at))
@@ -2045,9 +2046,8 @@ class ProxySet:
 
 def below_ephemeral_port() -> int:
     """A random port number below the kernel's ephemeral range (0 if that
-    range leaves no room): no connect() ever takes such a port as its own,
-    so a server that dies can bind its port again (its socket bound with
-    SO_REUSEADDR lets an outgoing connection share a port bucket otherwise)."""
+    range leaves no room): no connect() takes such a port as its own, so a
+    server that dies can bind its port again."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
@@ -2068,10 +2068,13 @@ def server_listener(attempts: int = 20, reuse: bool = False) -> socket.socket:
             s = socket.socket()
             if reuse:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                port = below_ephemeral_port()
                 try:
-                    s.bind((LOCALHOST, below_ephemeral_port()))
-                    if support.ss("-tan", f"( sport = :{s.getsockname()[1]} )"):
-                        raise OSError(errno.EADDRINUSE, "the port has sockets on it")
+                    # Without SO_REUSEADDR a bind fails on a port anyone holds,
+                    # even by a socket only bound: a dead server's of another run.
+                    with socket.socket() as probe:
+                        probe.bind((LOCALHOST, port))
+                    s.bind((LOCALHOST, port))
                 except OSError:
                     s.close()
                     continue
@@ -2111,7 +2114,7 @@ class ChaosServer:
     proxies: int            # how many proxies send to it (one admin state and weight in each)
     alive: bool = True
     flapping: bool = False  # its HTTP check endpoint answers 503
-    task: object = None     # the accept loop, while alive
+    accepting: bool = False  # its socket is watched for connections to accept
     good_since: float = 0.0  # monotonic: usable in every way since (proxyd's rise takes a moment)
     admin: list = field(default_factory=list)    # per proxy: ready | drain | maint
     weight: list = field(default_factory=list)   # per proxy
@@ -2280,10 +2283,27 @@ class ServerDriver:
             await asyncio.sleep(0.1)
 
     def _serve(self, srv: ChaosServer) -> None:
-        srv.task = asyncio.get_running_loop().create_task(self.engine.serve(srv.sock, srv.mode, srv))
+        """Accept from a reader callback, each connection handed to its task
+        in the same call: a task cancelled between an accept and its
+        resumption would drop a connection (and reset it) when its server dies."""
+        asyncio.get_running_loop().add_reader(srv.sock.fileno(), self._acceptable, srv)
+        srv.accepting = True
 
-    def tasks(self) -> list:
-        return [srv.task for srv in self.servers if srv.task is not None]
+    def _acceptable(self, srv: ChaosServer) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = srv.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.engine.violation("engine", -1, f"server accept: {e}")
+                    loop = asyncio.get_running_loop()
+                    loop.remove_reader(srv.sock.fileno())
+                    srv.accepting = False
+                    loop.call_later(0.1, lambda: srv.alive and not srv.accepting and self._serve(srv))
+                return
+            self.engine.server_conn(sock, srv.mode, srv)
 
     def kill(self, srv: ChaosServer) -> None:
         """Stop accepting: what is in the backlog is accepted and served (a
@@ -2294,10 +2314,9 @@ class ServerDriver:
         if not srv.alive or srv.sock is None:
             return
         t = time.time()
-        if srv.task is not None:
-            srv.task.cancel()
-            srv.task = None
-        asyncio.get_running_loop().remove_reader(srv.sock.fileno())
+        if srv.accepting:
+            asyncio.get_running_loop().remove_reader(srv.sock.fileno())
+            srv.accepting = False
         while True:
             try:
                 sock, _ = srv.sock.accept()
@@ -2528,6 +2547,13 @@ NOSRV_TCP = re.compile(r"^(\S+) proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)?
                        r"down=\d+ term=([sS]C)(?: err=(.*))?$")
 
 
+# A session's server connection reset before the server said anything (term S.).
+RESET_HTTP = re.compile(r'^(\S+) proxyd\[\d+\]: \S+ fe_http (\S+)/(\S+) "[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" '
+                        r'-?\d+ Tq=\S+ Tc=(-?\d+) Tr=\S+ Tt=(-?\d+) .*term=(S\S)(?: err=(\S+))?')
+RESET_TCP = re.compile(r"^(\S+) proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? (\S+)/(\S+) Tc=(-?\d+) Tt=(-?\d+) "
+                       r"up=\d+ down=\d+ term=(S\S)(?: err=(\S+))?")
+
+
 @dataclass(frozen=True)
 class NoServer:
     """A "no server" access line: HTTP 503 or TCP closed, term SC or sC."""
@@ -2714,10 +2740,16 @@ def check_server_chaos(result: Result, proxies: ProxySet, engine: Engine, driver
                                 f"{', '.join(usable)} had been listening, not DOWN in its log and ready for the "
                                 f"{NO_SERVER_WINDOW:g}s before: {entry.line}"))
 
+    lost = lost_in_backlogs(result, proxies, engine, driver)
+
     def excused(v: Violation) -> bool:
-        """A "whole" claim of a session proxyd rightly found no server for (its access line says so)."""
+        """A "whole" claim of a session proxyd rightly found no server for
+        (its access line says so), or lost in the backlog of a dying server."""
         if v.kind != "whole" or v.sid < 0:
             return False
+        if v.sid in lost:
+            stats["sc_backlog_lost"] += 1
+            return True
         plan, _ = engine.planner.by_sid(v.sid)
         if plan is None:
             return False
@@ -2734,6 +2766,57 @@ def check_server_chaos(result: Result, proxies: ProxySet, engine: Engine, driver
         else:
             kept.append(v)
     result.violations[:] = kept
+
+
+def lost_in_backlogs(result: Result, proxies: ProxySet, engine: Engine, driver: ServerDriver) -> set:
+    """The sids of "whole" violations whose session a dying server lost: the
+    connection was in its listening socket's queue when it closed (the kernel
+    resets those; ServerDriver.kill accepts what is queued first, but one
+    that completes its handshake in the microseconds before the close is
+    lost, as it would be with any server that dies).  All of it must hold:
+    proxyd's access line names the server, says it connected and that the
+    server side ended it with a reset; the server never accepted that
+    session; and it died while the session was under way."""
+    wanted = {v.sid: v for v in result.violations if v.kind == "whole" and v.sid >= 0}
+    if not wanted:
+        return set()
+    ports = {v.port for v in wanted.values() if v.port}
+    lines = []     # (proxy, wall, key, sid or -1, port, Tc, Tt, err)
+    for p, proxy in enumerate(proxies.proxies):
+        try:
+            with open(proxy.log_path, errors="replace") as f:
+                for line in f:
+                    if " term=S" not in line:
+                        continue
+                    m = RESET_HTTP.match(line)
+                    if m and int(m[4], 16) in wanted:
+                        lines.append((p, log_time(m[1]), f"{m[2]}/{m[3]}", int(m[4], 16), 0, int(m[5]), int(m[6]),
+                                      m[8] or ""))
+                        continue
+                    m = RESET_TCP.match(line)
+                    if m and int(m[2]) in ports:
+                        lines.append((p, log_time(m[1]), f"{m[3]}/{m[4]}", -1, int(m[2]), int(m[5]), int(m[6]),
+                                      m[8] or ""))
+        except FileNotFoundError:
+            pass
+    lost = set()
+    for p, t, key, sid, port, tc, tt, err in lines:
+        if tc < 0 or key.endswith("/-") or not ("ECONNRESET" in err or "EPIPE" in err):
+            continue
+        if sid < 0:   # tcp: the violation of the session from that port then
+            v = next((v for v in wanted.values() if v.port == port and v.when
+                      and v.when[0] - 0.5 <= t <= v.when[1] + 0.5), None)
+            if v is None:
+                continue
+            sid = v.sid
+        plan, _ = engine.planner.by_sid(sid)
+        if plan is None or proxies.targets[plan.target][0] != p:
+            continue
+        if sid in engine.accepts.get((p, key), ((), ()))[1]:
+            continue   # its server had it: not lost in a backlog
+        if any(t - tt / 1000 - 0.2 <= dead <= t + UP_MARGIN for dead, _ in driver.dead.get(key, [])):
+            lost.add(sid)
+    return lost
 
 
 class Chaos:
@@ -2829,7 +2912,6 @@ class Chaos:
                 await servers_chaos    # everything restored
                 # Every server gone: proxyd's checks are refused from now on and
                 # leave nothing behind; what they still have open ends.
-                await cancel(*driver.tasks())
                 driver.shutdown()
             # Server connections the proxy has yet to close (timeouts): each is bounded.
             wait_until = time.monotonic() + engine.server_bound() + 5
@@ -2841,8 +2923,7 @@ class Chaos:
         finally:
             if driver is not None:
                 driver.stop.set()
-            await cancel(chaos, servers_chaos, monitor, ticker, *servers, *(driver.tasks() if driver else ()),
-                         *engine.server_tasks)
+            await cancel(chaos, servers_chaos, monitor, ticker, *servers, *engine.server_tasks)
             if driver is not None:
                 driver.shutdown()
         await loop.run_in_executor(None, self._tw_sample, engine, server_ports)

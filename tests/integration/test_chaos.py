@@ -155,6 +155,36 @@ def test_a_weight_zero_server_may_take_sessions_only_when_no_other_could():
                                    {"be": ["be/s1", "be/s2"]}, [], stats) == []
 
 
+def test_only_a_session_its_dying_server_never_accepted_is_lost_in_its_backlog(tmp_path):
+    """Seed 4242 session 6261 (a 5-minute --server-chaos run): a request
+    whose connection completed as its server closed its listening socket got
+    a 502 (term SH, ECONNRESET).  That is the dying server's doing, and
+    excused only with the whole evidence: the access line names the server,
+    Tc >= 0, a reset; the server never accepted the session; it died while
+    the session was under way."""
+    import types
+    planner = chaos.Planner(quick(4242), [(0, "http", 1)])
+    plan = next(planner.plan(i) for i in range(100) if planner.plan(i).mode == "http")
+    sid = plan.reqs[0].sid
+    t = 1_800_000_000.0
+    stamp = chaos.datetime.datetime.fromtimestamp(t, chaos.datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+    log = tmp_path / "chaos0.log"
+    log.write_text(f'{stamp}Z proxyd[1]: 127.0.0.1:5 fe_http be_http/s2 "GET /chaos/{sid:08x} HTTP/1.1" 502 Tq=32 '
+                   f'Tc=0 Tr=-1 Tt=34 up=139 down=168 term=SH err=ECONNRESET\n')
+    proxies = types.SimpleNamespace(proxies=[types.SimpleNamespace(log_path=log)], targets=[(0, "http", 1)])
+
+    def lost(accepted=(), dead=t - 0.01):
+        result = chaos.Result(quick(4242))
+        result.violations.append(chaos.Violation("whole", plan.index, "answer 0 (ok): 502", sid=sid))
+        engine = types.SimpleNamespace(planner=planner, accepts={(0, "be_http/s2"): ([t], list(accepted))})
+        driver = types.SimpleNamespace(dead={"be_http/s2": [[dead, t + 1]]})
+        return chaos.lost_in_backlogs(result, proxies, engine, driver)
+
+    assert lost() == {sid}
+    assert lost(accepted=[sid]) == set()          # its server had it: proxyd's reset to explain, not a backlog
+    assert lost(dead=t - 5) == set()              # died long before: not while the session was under way
+
+
 def test_a_no_server_answer_is_justified_only_when_every_server_was_unusable():
     entry = chaos.NoServer(0, 100.0, "be", "http", 0x10, "line")
     keys = ["be/s1", "be/s2"]
