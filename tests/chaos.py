@@ -279,6 +279,25 @@ class Pace:
                 yield READ, 0.0
 
 
+PERSIST_GRACE = 30.0      # more time for a session whose answer waits in a zero window
+PERSIST_EXTENSIONS = 10
+
+
+def zero_window_queue(local_port: int, remote_port: int) -> int:
+    """Bytes queued in the socket 127.0.0.1:LOCAL_PORT -> :REMOTE_PORT if the
+    kernel is probing its peer's zero window (the persist timer, timer
+    code 4 in /proc/net/tcp), else 0."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16) == local_port
+                    and int(fields[2].rsplit(":", 1)[1], 16) == remote_port):
+                tx_queue = int(fields[4].split(":")[0], 16)
+                return tx_queue if fields[5].startswith("04:") else 0
+    return 0
+
+
 def pick_pace(rng: random.Random, slow_weight: int = 15) -> Pace:
     return Pace(rng.choices(["burst", "pieces", "slow"], weights=[50, 35, slow_weight])[0], rng.getrandbits(32))
 
@@ -787,7 +806,8 @@ class Result:
              f"{fmt_bytes(s['bytes_server_got'])}, servers sent {fmt_bytes(s['bytes_server_sent'])}, clients received "
              f"{fmt_bytes(s['bytes_client_got'])}"),
             (f"  claims checked: {s['claims']}, excused (this process stalled > {LAG_LIMIT:g}s): {s['excused']}, "
-             f"max loop lag {s['max_lag_ms'] / 1000:.2f}s"),
+             f"max loop lag {s['max_lag_ms'] / 1000:.2f}s; sessions given {PERSIST_GRACE:g}s more while the "
+             f"kernel probed their zero window: {s['persist_extensions']}"),
             (f"  reloads {s['reloads']} (deferred {s['reloads_deferred']}), TTIN {s['ttin']}, TTOU {s['ttou']}; "
              f"TIME_WAIT samples {s['tw_samples']}"),
             "  tcp endings: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("tcp_c_")),
@@ -1565,7 +1585,7 @@ class Engine:
             wire = Wire(sock, plan.read_pace if mode == "http" else None)
             self._ports[index] = sock.getsockname()[1]
             run = self.tcp_client if mode == "tcp" else self.http_client
-            await asyncio.wait_for(run(plan, wire, started), self.bound(plan))
+            await self._bounded(run(plan, wire, started), plan, port, sock.getsockname()[1])
             clean = True
         except TimeoutError:
             self.violation("liveness", index, f"session still running after {self.bound(plan):.0f}s")
@@ -1583,6 +1603,34 @@ class Engine:
             if self.options.server_chaos and mode == "tcp" and port:
                 for column, value in zip(self.tcp_sessions, (index, port, wall, time.time())):
                     column.append(value)
+
+    async def _bounded(self, coro, plan, proxy_port: int, client_port: int) -> None:
+        """Run a session's client within bound(plan), or TimeoutError.
+
+        Past the bound, the kernel is asked first: a slow reader with a small
+        receive buffer can leave proxyd's socket in zero-window probing (the
+        persist timer: one segment per probe, ~10 KB/s with a 4 KiB buffer)
+        with everything proxyd had to send already queued in the kernel.
+        That is TCP between this client and the kernel, which no proxy can
+        hurry; such a session gets PERSIST_GRACE more, PERSIST_EXTENSIONS
+        times at most, each counted."""
+        task = asyncio.ensure_future(coro)
+        timeout, extensions = self.bound(plan), 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=timeout)
+                if done:
+                    return task.result()
+                if extensions < PERSIST_EXTENSIONS and zero_window_queue(proxy_port, client_port):
+                    extensions += 1
+                    self.stats["persist_extensions"] += 1
+                    timeout = PERSIST_GRACE
+                    continue
+                raise TimeoutError
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def lag_ticker(self) -> None:
         tick = 0.05

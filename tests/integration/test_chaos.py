@@ -34,7 +34,7 @@ import time
 
 import pytest
 
-from tests import chaos
+from tests import chaos, support
 from tests.http_support import (
     HTTPClient,
     ProtocolError,
@@ -601,3 +601,34 @@ def test_a_check_running_past_its_next_due_time_leaves_the_control_process_servi
                 psutil.Process(pid).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_zero_window_probing_is_seen_from_the_kernel():
+    """chaos.zero_window_queue, which lets a session whose answer waits in
+    the kernel behind a zero window run past its bound: a sender whose peer
+    (a 4 KiB receive buffer) stops reading is on its persist timer with
+    bytes queued; once the peer reads, it is not."""
+    listener = socket.create_server((support.LOCALHOST, 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    try:
+        server.setblocking(False)
+        sent = 0
+        try:
+            while True:
+                sent += server.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        port, peer = server.getsockname()[1], client.getsockname()[1]
+        queued = wait_for(lambda: chaos.zero_window_queue(port, peer), 10, "the sender probing a zero window")
+        assert 0 < queued <= sent
+        client.settimeout(IO_TIMEOUT)
+        got = 0
+        while got < sent:
+            got += len(client.recv(1 << 20))
+        assert chaos.zero_window_queue(port, peer) == 0   # still connected, nothing queued
+    finally:
+        for s in (client, server, listener):
+            s.close()
