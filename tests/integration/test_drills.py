@@ -402,7 +402,7 @@ def test_drill_file_descriptors(starve, backend, proxyd):
 
     # One line when each episode starts, one when it ends (and no more
     # while starved: checked above); every episode that started ended.
-    wait_for(lambda: fd_lines()[0] == fd_lines()[1], 5, "every episode ended")
+    wait_for(lambda: fd_lines()[0] == fd_lines()[1], 15, "every episode ended")
     errors = other_lines(proxy, "Too many open files")
     notices = other_lines(proxy, "accepting again")
     assert len(errors) >= 2, (errors, notices)
