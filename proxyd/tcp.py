@@ -95,7 +95,10 @@ class Side:
         drains a send buffer of megabytes long before we can write again:
         the kernel, not our writes, says whether it is still there."""
         unacked = ioctl_int(self.fd, termios.TIOCOUTQ)
-        if unacked and unacked != self.outq:
+        if unacked != self.outq:
+            # Down to 0 counts too: the peer took the last bytes since we
+            # last asked, maybe a moment ago, and its next request may be on
+            # its way (it was never idle).
             self.outq = unacked
             self.seen = now
             return True

@@ -501,7 +501,7 @@ def test_a_steady_slow_reader_gets_the_whole_answer_http(splice, short, backend,
 # the kernel knows the client is busy, TIOCOUTQ.  Fixed in ba02d65.)
 
 
-@pytest.mark.drill  # failed once in copy mode on a loaded box: under investigation
+@pytest.mark.drill  # reads a 5 MiB answer slowly: seconds, so with the drills
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_keep_alive_timeout_waits_for_the_client_to_have_the_answer(splice, backend, proxyd):
     def answer_each(conn, rec, backend):
