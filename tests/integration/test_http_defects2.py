@@ -147,7 +147,7 @@ def test_errorfile_truncated_in_place_sends_the_page_read_at_load(tmp_path, full
     config = http_config(free_port(), {"app": [app], "down": {"servers": [full_backlog],
                                                               "timeout_connect": "500ms", "retries": 0}},
                          default="app", routes=[{"path_prefix": "/down", "backend": "down"}],
-                         global_={"worker_timeout": "2s"}, frontend={"errorfiles": {"503": str(path)}})
+                         global_={"worker_timeout": "5s"}, frontend={"errorfiles": {"503": str(path)}})
     proxy = proxyd(config)
     pid = only_worker(proxy).pid
 
