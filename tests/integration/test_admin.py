@@ -8,6 +8,7 @@ Servers are tests.support.CheckedServers: each answers a session with its
 own name, so the client and the server agree on who served it.
 """
 
+# ruff: noqa: F811 (the fixtures imported from tests.control_fixtures are test arguments)
 from __future__ import annotations
 
 import csv
@@ -20,15 +21,15 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from proxyd import __version__
-from tests.support import (LOCALHOST, REPO, AdminSession, CheckedServer, admin_command, connect, control_processes,
+from tests.support import (LOCALHOST, REPO, AdminSession, admin_command, connect, control_processes,
                            free_port, http_hello, parse_servers_state, recv_exactly, servers_state, sha256,
                            stat_json, tally, tcp_hello, to_toml, wait_for)
+from tests.control_fixtures import admin_path, proxyd, servers  # noqa: F401 (fixtures)
 
 CLIENTS = 8
 STEADY = {"interval": "500ms", "timeout": "300ms"}   # a check timeout well under the interval
@@ -36,44 +37,6 @@ UNKNOWN = "Unknown command: '{}'. Type 'help' for the list of commands."
 
 
 # ------------------------------------------------------------------ helpers
-
-@pytest.fixture
-def admin_path():
-    """A short path for the admin socket (a unix socket path has 108 bytes at most)."""
-    directory = tempfile.mkdtemp(prefix="pxa-", dir="/tmp")
-    yield os.path.join(directory, "admin.sock")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def proxyd(proxyd):
-    """conftest's proxyd, with the control processes alive at the end put
-    among the processes its cleanup ends (a stuck one outlives its master)."""
-    started = []
-
-    def start(*args, **kw):
-        started.append(proxyd(*args, **kw))
-        return started[-1]
-
-    yield start
-    for p in started:
-        control_processes(p)
-
-
-@pytest.fixture
-def servers():
-    """servers(*names) -> CheckedServers, closed at teardown."""
-    started: list[CheckedServer] = []
-
-    def make(*names: str) -> list[CheckedServer]:
-        made = [CheckedServer(name) for name in names]
-        started.extend(made)
-        return made
-
-    yield make
-    for s in reversed(started):
-        s.close()
-
 
 def config(servers, admin: str, *, workers: int = 2, check: dict | None = None, http: bool = False,
            weights: dict | None = None) -> dict:

@@ -10,23 +10,23 @@ and sessions apart, answers each session with its own name (so the client
 and the server agree on who served it), and answers HTTP checks as told.
 """
 
+# ruff: noqa: F811 (the fixtures imported from tests.control_fixtures are test arguments)
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.http_support import HTTPClient, assert_own_error, build_request, wait_http_access_lines
-from tests.support import (LOCALHOST, CheckedServer, admin_command, connect, control_processes, free_port,
+from tests.support import (LOCALHOST, admin_command, connect, control_processes, free_port,
                            hold_handler, http_hello, parse_access_line, parse_servers_state, recv_all, servers_state,
                            stat_json, tally, tcp_hello, timewait_towards, wait_closed, wait_for)
+from tests.control_fixtures import admin_path, proxyd, servers  # noqa: F401 (fixtures)
 
 CLIENTS = 8
 # Check timing where states matter: a timeout well under the interval.  A
@@ -37,44 +37,6 @@ STEADY = {"interval": "500ms", "timeout": "300ms"}
 
 
 # ------------------------------------------------------------------ helpers
-
-@pytest.fixture
-def admin_path():
-    """A short path for the admin socket (a unix socket path has 108 bytes at most)."""
-    directory = tempfile.mkdtemp(prefix="pxh-", dir="/tmp")
-    yield os.path.join(directory, "admin.sock")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def proxyd(proxyd):
-    """conftest's proxyd, with the control processes alive at the end put
-    among the processes its cleanup ends (a stuck one outlives its master)."""
-    started = []
-
-    def start(*args, **kw):
-        started.append(proxyd(*args, **kw))
-        return started[-1]
-
-    yield start
-    for p in started:
-        control_processes(p)
-
-
-@pytest.fixture
-def servers():
-    """servers(*names) -> CheckedServers, closed at teardown."""
-    started: list[CheckedServer] = []
-
-    def make(*names: str) -> list[CheckedServer]:
-        made = [CheckedServer(name) for name in names]
-        started.extend(made)
-        return made
-
-    yield make
-    for s in reversed(started):
-        s.close()
-
 
 def config(servers, check: dict, *, workers: int = 2, admin: str | None = None, tcp: bool = True,
            http: bool = False, backups=(), backend: str = "app") -> dict:
