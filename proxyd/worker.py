@@ -287,6 +287,8 @@ class Worker:
         if self.paused_until and self.loop.now >= self.paused_until:
             self.paused_until = 0.0
             self._resume_accepting()
+        if "fds" in self.starved and self._fds_in_use() < self.fd_ceiling - FD_HYSTERESIS:
+            self.resources_back("fds")  # no client came since the fds came back to say so
         for backend in self.backends.values():
             if backend.queue:   # a server that came up or got a weight has slots no pipe event announced
                 backend.offer_slots()
@@ -392,18 +394,22 @@ class Worker:
         the lowest free one); during one, only a count of the open fds says
         whether a few sessions' worth came back or just the one that ended.
         """
-        try:
-            in_use = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
-        except OSError:  # not even one fd left to list them with
-            in_use = self.fd_ceiling
+        in_use = self._fds_in_use()
         if in_use >= self.fd_ceiling:
             self.out_of_resources("fds", "accept", errno.EMFILE, until_a_session_ends=True)
         elif in_use < self.fd_ceiling - FD_HYSTERESIS:
             self.resources_back("fds")
 
+    def _fds_in_use(self) -> int:
+        try:
+            return len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+        except OSError:  # not even one fd left to list them with
+            return self.fd_ceiling
+
     def resources_back(self, kind: str) -> None:
-        """An fd well below the limit was accepted ("fds"), a server connection
-        could be made ("ports"): that episode is over."""
+        """An fd well below the limit was accepted or seen free on the
+        once-a-second timer ("fds"), a server connection could be made
+        ("ports"): that episode is over."""
         episode = self.starved.pop(kind, None)
         if episode is not None:
             what = "accepting" if kind == "fds" else "connecting"

@@ -281,14 +281,7 @@ def other_lines(proxy, needle: str) -> list[str]:
 
 
 @pytest.mark.drill
-@pytest.mark.parametrize("starve", [
-    "accept",
-    pytest.param("connect", marks=pytest.mark.xfail(strict=False, reason=(
-        "proxyd defect, not yet fixed: an fd episode that begins at connect (no fd for the server "
-        "socket) is logged as over only at the next accept (Worker._check_fd_limit runs on accept), "
-        "so when the last waiting client came in before it began, its 'accepting again' line never "
-        "comes and the drill's count of episode lines stays uneven (2 of 4 clean-clone runs)"))),
-])
+@pytest.mark.parametrize("starve", ["accept", "connect"])
 def test_drill_file_descriptors(starve, backend, proxyd):
     """Copying relay (splice = false: pipes, which hold fds, are
     test_drill_splice_pipe_out_of_fds's), ulimit_n about 64 on one worker and, twice, half again as many clients as its
