@@ -304,6 +304,11 @@ def bind_list(raw: Any, path: str) -> tuple[Address, ...]:
     return tuple(addresses)
 
 
+def optional_bind_list(raw: Any, path: str) -> tuple[Address, ...]:
+    """As bind_list, where an empty list means none."""
+    return () if raw in ((), []) else bind_list(raw, path)
+
+
 def _parse_each(parse: Callable[[Any, str], Any], items: list[tuple[Any, str]]) -> list:
     """parse(raw, path) for every item; one bad item does not hide the next."""
     values, errors = [], []
@@ -388,8 +393,12 @@ GLOBAL_KEYS = (
     Key("log", log_target, "stderr", 'where logs go: "stderr", "syslog", "syslog:/dev/log", '
         '"syslog:HOST:PORT" (UDP), "syslog:tcp@HOST:PORT" or a file path'),
     Key("log_level", choice(*LOG_LEVELS), "info", "least severe message logged; access logs are info"),
+    Key("syslog_format", choice("rfc3164", "rfc5424"), "rfc3164", "framing of syslog messages "
+        "(log = \"syslog...\")"),
     Key("admin_socket", optional_text, None, "unix socket path for the runtime API"),
     Key("admin_socket_mode", file_mode, "0600", 'permissions of the admin socket, an octal string ("0600")'),
+    Key("stats_bind", optional_bind_list, (), "addresses of the stats listener: /metrics (Prometheus), /stats (JSON), "
+        "/ (HTML)"),
     Key("splice", boolean, True, "relay with os.splice (zero-copy); false copies through Python"),
     Key("worker_timeout", duration_at_least(2.0), 10.0, "a worker silent this long (no heartbeat) is killed and replaced"),
     Key("ulimit_n", integer(0, 1 << 24), 0, "open files allowed to each worker (RLIMIT_NOFILE), "
@@ -477,8 +486,10 @@ class GlobalConfig:
     grace: float
     log: str
     log_level: str
+    syslog_format: str
     admin_socket: str | None
     admin_socket_mode: str
+    stats_bind: tuple[Address, ...]
     splice: bool
     worker_timeout: float
     ulimit_n: int
@@ -639,7 +650,7 @@ class _Builder:
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
         self.backend_names: set[str] | None = None  # None: [backends] unreadable, references unchecked
-        self.bound: dict[Address, str] = {}         # listening address -> the frontend that has it
+        self.bound: dict[Address, str] = {}         # listening address -> who has it ("frontend 'web'", "stats_bind")
 
     def attempt(self, check: Callable, *args) -> Any:
         """check(*args), or INVALID once its error is recorded."""
@@ -709,7 +720,10 @@ class _Builder:
 
     def global_table(self, raw: Any) -> dict:
         table = self.table(raw, "global")
-        return {} if table is None else self.section(table, GLOBAL_KEYS, "global")
+        values = {} if table is None else self.section(table, GLOBAL_KEYS, "global")
+        for addr in values.get("stats_bind", ()):
+            self.bound[addr] = "stats_bind"
+        return values
 
     def defaults(self, raw: Any) -> dict | None:
         """[defaults], each value checked once here, whether inherited or not."""
@@ -757,9 +771,9 @@ class _Builder:
     def claim_binds(self, fe_name: str, addresses: tuple[Address, ...]) -> None:
         for i, addr in enumerate(addresses):
             if addr in self.bound:
-                self.fail(f"frontends.{fe_name}.bind[{i}]", f"{addr} is already bound by frontend {self.bound[addr]!r}")
+                self.fail(f"frontends.{fe_name}.bind[{i}]", f"{addr} is already bound by {self.bound[addr]}")
             else:
-                self.bound[addr] = fe_name
+                self.bound[addr] = f"frontend {fe_name!r}"
 
     def routes(self, raw: Any, mode: str | None, path: str) -> tuple[Route, ...]:
         if not isinstance(raw, (list, tuple)):
