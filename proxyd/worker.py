@@ -106,6 +106,7 @@ class Backend:
         self.balancer = Balancer(config, shared, slot, worker_number, self._slot_freed)
         self.queue: deque = deque()
         self.watched = [s.slots.r for s in self.balancer.servers if s.slots is not None]
+        self.active = 0   # this worker's sessions (http: requests) on one of its servers
         self.watching = False
 
     def wait(self, session, front: bool = False) -> None:
