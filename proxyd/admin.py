@@ -200,15 +200,16 @@ def find_server(control, name: str):
 
 
 def show_info(control) -> str:
-    info = control.info
+    info = control.shared.read_process()
     uptime = int(time.time() - info["started"])
     d, rest = divmod(uptime, 86400)
     h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
     lines = {
-        "Name": "proxyd", "Version": __version__, "Pid": info["master_pid"],
+        "Name": "proxyd", "Version": __version__, "Pid": info["pid"],
         "Uptime": f"{d}d {h}h{m:02d}m{s:02d}s", "Uptime_sec": uptime,
-        "Workers": info["workers"], "Generation": info["generation"], "Control_pid": os.getpid(),
+        "Workers": info["workers"], "Generation": info["generation"], "Reloads": info["reloads"],
+        "Control_pid": os.getpid(),
         "Backends": len(control.config.backends), "Frontends": len(control.config.frontends),
         "Node": socket.gethostname(),
     }

@@ -15,7 +15,7 @@ import random
 import zlib
 
 from proxyd.config import BackendConfig, ServerConfig
-from proxyd.shared import DOWN, READY
+from proxyd.shared import DOWN, READY, C
 
 
 class Server:
@@ -24,9 +24,9 @@ class Server:
     this worker's own count."""
 
     __slots__ = ("config", "name", "addresses", "weight", "current", "record", "shared", "slot", "slots",
-                 "maxconn", "slot_freed")
+                 "maxconn", "slot_freed", "counts", "backend_counts")
 
-    def __init__(self, config: ServerConfig, backend: str, shared, slot: int, slot_freed):
+    def __init__(self, config: ServerConfig, backend: str, shared, slot: int, slot_freed, backend_counts):
         self.config = config
         self.name = config.name
         # Every address its name resolved to, in order: each new attempt on
@@ -41,6 +41,8 @@ class Server:
         self.maxconn = config.maxconn
         self.slots = shared.slots[self.record] if config.maxconn else None
         self.slot_freed = slot_freed   # called when this worker gives a slot back
+        self.counts = shared.row(slot, self.record)   # this worker's counters for it (shared.C)
+        self.backend_counts = backend_counts
 
     def usable(self) -> bool:
         """Up (or unchecked) and ready (not drain or maint), read from the
@@ -58,10 +60,12 @@ class Server:
 
     def opened(self) -> None:
         self.shared.add_session(self.record, self.slot, 1)
+        self.backend_counts[C.current_sessions] += 1
 
     def closed(self) -> None:
         """The session let go of it: the count first, then the slot (see shared.py)."""
         self.shared.add_session(self.record, self.slot, -1)
+        self.backend_counts[C.current_sessions] -= 1
         if self.slots is not None:
             self.slots.give(1)
             self.slot_freed()
@@ -75,9 +79,9 @@ QUEUE = object()   # choose(): every usable server is at its maxconn: wait for a
 
 
 class Balancer:
-    def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int = 1, slot_freed=None):
+    def __init__(self, backend: BackendConfig, shared, slot: int, worker_number: int, slot_freed, counts):
         self.backend = backend
-        self.servers = [Server(s, backend.name, shared, slot, slot_freed or (lambda: None))
+        self.servers = [Server(s, backend.name, shared, slot, slot_freed, counts)
                         for s in backend.servers]
         self.pick = getattr(self, "_" + backend.balance)
         # Each worker balances alone; starting each one's round robin further

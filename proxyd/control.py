@@ -17,13 +17,14 @@ import signal
 import socket
 import time
 
-from proxyd import admin, health
+from proxyd import admin, health, stats
 from proxyd.loop import IN, Loop
-from proxyd.shared import DOWN, MAINT, READY, STATE_NAMES, UNCHECKED
+from proxyd.shared import DOWN, MAINT, READY, STATE_NAMES, UNCHECKED, C
 
 
 class Control:
-    def __init__(self, config, log, shared, slot: int, admin_sock: socket.socket | None, info: dict):
+    def __init__(self, config, log, shared, slot: int, admin_sock: socket.socket | None, stats_socks: dict,
+                 info: dict):
         self.config = config
         self.log = log
         self.shared = shared
@@ -36,6 +37,15 @@ class Control:
         self.checks: list[health.Check] = []
         self.admin_sock = admin_sock
         self.admin_connections: set = set()
+        self.stats_socks = list(stats_socks.values())
+        self.stats_connections: set = set()
+        # This process's own counters: check results and downtime, per
+        # server record and per backend (see shared.py, COUNTERS).
+        self.server_counts = {record: shared.row(slot, record) for record in shared.servers.values()}
+        self.backend_counts = {name: shared.row(slot, shared.proxy_object("backend", name))
+                               for name in config.backends}
+        self.backend_down = {name: False for name in config.backends}
+        self.last_tick = 0.0
 
     def run(self) -> int:
         self._install_signals()
@@ -44,6 +54,9 @@ class Control:
         if self.admin_sock is not None:
             self.admin_sock.setblocking(False)
             self.loop.add(self.admin_sock.fileno(), self._accept_admin, IN)
+        for sock in self.stats_socks:
+            sock.setblocking(False)
+            self.loop.add(sock.fileno(), lambda mask, sock=sock: self._accept_stats(sock), IN)
         self.loop.call_at(self.loop.now, self)
         self.log.info(f"control process started (generation {self.info['generation']}): "
                       f"{len(self.checks)} servers checked"
@@ -74,11 +87,32 @@ class Control:
 
     def on_timer(self, when: float) -> None:
         """Once a second: heartbeat; stop if the master is gone."""
-        self.shared.beat(self.slot, self.loop.now, os.getpid())
+        self.shared.beat(self.slot, self.loop.now)
         if os.getppid() != self.info["master_pid"]:
             self.log.warning("master is gone; control process stopping")
             self.stopping = True
+        self._count_downtime()
+        for connection in [c for c in self.stats_connections if c.expired(self.loop.now)]:
+            connection.close()
         self.loop.call_at(self.loop.now + 1.0, self)
+
+    def _count_downtime(self) -> None:
+        """Once a second: the time each down server, and each backend with
+        no usable server, spent so since the last tick."""
+        now = self.loop.now
+        elapsed = int((now - self.last_tick) * 1000) if self.last_tick else 0
+        self.last_tick = now
+        for backend in self.config.backends.values():
+            for server in backend.servers:
+                record = self.shared.servers[f"{backend.name}/{server.name}"]
+                if elapsed and self.shared.read_server(record).state == DOWN:
+                    self.server_counts[record][C.downtime_ms] += elapsed
+            down = self.servers_left(backend) == (0, 0)
+            if elapsed and down:
+                self.backend_counts[backend.name][C.downtime_ms] += elapsed
+            if down and not self.backend_down[backend.name]:
+                self.backend_counts[backend.name][C.check_up_down] += 1
+            self.backend_down[backend.name] = down
 
     def _crashed(self, owner, exc: BaseException) -> None:
         import traceback
@@ -130,7 +164,12 @@ class Control:
         if STATE_NAMES[state] != STATE_NAMES[before.state]:
             changes["changed_at"] = time.time()
         self.shared.write_server(record, **changes)
+        counts = self.server_counts[record]
+        if not ok and before.state != DOWN:
+            counts[C.check_failures] += 1
         if STATE_NAMES[state] != STATE_NAMES[before.state]:
+            if state == DOWN:
+                counts[C.check_up_down] += 1
             self._log_transition(check, state, reason, duration)
 
     def _log_transition(self, check: health.Check, state: int, reason: str, duration: int) -> None:
@@ -173,6 +212,17 @@ class Control:
         record = self.shared.servers[f"{backend.name}/{server.name}"]
         self.shared.write_server(record, weight=weight)
         self.log.notice(f"Server {backend.name}/{server.name} weight set to {weight} (runtime API)")
+
+    # ------------------------------------------------------------ stats listener
+    def _accept_stats(self, listener: socket.socket) -> None:
+        for _ in range(16):
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                return self.log.warning(f"stats listener: accept: {os.strerror(e.errno)}")
+            stats.StatsConnection(self, sock)
 
     # ------------------------------------------------------------ admin socket
     def _accept_admin(self, mask: int) -> None:

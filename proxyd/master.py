@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from proxyd import config as config_module
 from proxyd.control import Control
-from proxyd.listeners import BindError, Listeners
+from proxyd.listeners import BindError, Listeners, check_free, open_listener
 from proxyd.log import Log
 from proxyd.shared import READY, Shared, SharedFull
 from proxyd.worker import Worker
@@ -82,6 +82,8 @@ class Master:
         self.control_respawn_at = 0.0
         self.control_failures = 0
         self.admin = AdminSocket(log)
+        self.stats = StatsSockets(log)
+        self.reloads = 0
         self._assign_servers(config, self.generation)
 
     # ------------------------------------------------------------ main loop
@@ -94,6 +96,8 @@ class Master:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.log.info(f"master started (pid {self.pid}), {self.count} workers")
         self.admin.bind(self.config.global_.admin_socket, self.config.global_.admin_socket_mode)
+        self.stats.bind(self.config.global_.stats_bind)
+        self._publish()
         for slot in range(self.count):
             self._spawn(slot)
         self._control_due()
@@ -111,6 +115,7 @@ class Master:
             self._control_due()
             self.shared.collect_debts()
         self.admin.close()
+        self.stats.close()
         self.log.info("master exiting")
         return 0
 
@@ -157,6 +162,7 @@ class Master:
             finally:
                 self.log.flush()
                 os._exit(code)
+        self.shared.started(shared_slot, pid, self.generation, slot + 1)
         self.workers[pid] = WorkerProcess(pid, slot, self.generation, time.monotonic(), shared_slot)
 
     def _shed_master_state(self) -> None:
@@ -171,6 +177,7 @@ class Master:
         """In the child: shed the master's state, drop privileges, run the loop."""
         self._shed_master_state()
         self.admin.close_in_child()
+        self.stats.close()
         setproctitle(f"proxyd: worker {slot + 1}/{self.count} gen {self.generation}")
         self.log.set_tag("proxyd")
         mine = self.listeners.for_slot(self.config, slot, self.count)
@@ -284,6 +291,12 @@ class Master:
         servers = {f"{b.name}/{s.name}": s for b in config.backends.values() for s in b.servers}
         self.shared.assign({key: s.maxconn for key, s in servers.items()}, generation,
                            lambda key: (READY, servers[key].weight))
+        self.shared.assign_proxies([*(f"frontend/{name}" for name in config.frontends),
+                                    *(f"backend/{name}" for name in config.backends)], generation)
+
+    def _publish(self) -> None:
+        """What the stats and show info say of the master, in shared memory."""
+        self.shared.write_process(self.pid, self.started, self.reloads, self.generation, self.count)
 
     def _free_unused_records(self) -> None:
         generations = [w.generation for w in self.workers.values()]
@@ -319,12 +332,14 @@ class Master:
                 for sock in self.listeners.sockets.values():
                     sock.close()
                 drop_privileges(self.config.global_.user, self.config.global_.group)
-                code = Control(self.config, self.log, self.shared, shared_slot, self.admin.sock, info).run()
+                code = Control(self.config, self.log, self.shared, shared_slot, self.admin.sock,
+                               self.stats.socks, info).run()
             except BaseException:
                 self.log.error(f"control process failed:\n{traceback.format_exc().rstrip()}")
             finally:
                 self.log.flush()
                 os._exit(code)
+        self.shared.started(shared_slot, pid, self.generation, 0)
         self.control = WorkerProcess(pid, -1, self.generation, time.monotonic(), shared_slot)
 
     def _control_exited(self, status: int) -> None:
@@ -389,6 +404,9 @@ class Master:
         self.respawn_at.clear()
         self.failures.clear()
         self.admin.bind(new.global_.admin_socket, new.global_.admin_socket_mode)
+        self.stats.bind(new.global_.stats_bind)
+        self.reloads += 1
+        self._publish()
         self._restart_control()
         self.log.info(f"reloading {self.config_path}: generation {self.generation}, {count} workers")
         for slot in range(count):
@@ -420,6 +438,8 @@ class Master:
         self.listeners.close_unused(config)
         self._assign_servers(config, aborted + 1)   # the aborted generation's records go once it has
         self.admin.bind(config.global_.admin_socket, config.global_.admin_socket_mode)
+        self.stats.bind(config.global_.stats_bind)
+        self._publish()
         self._restart_control()
 
     def _limit_draining_generations(self) -> None:
@@ -446,6 +466,7 @@ class Master:
         self.count += 1
         self.listeners.steer(self.count)
         self._spawn(self.count - 1)
+        self._publish()
         self.log.info(f"TTIN: now {self.count} workers")
 
     def remove_worker(self) -> None:
@@ -459,6 +480,7 @@ class Master:
         for worker in self.workers.values():
             if worker.slot == self.count and worker.generation == self.generation and not worker.draining:
                 worker.retire_at = time.monotonic() + RETIRE_SETTLE
+        self._publish()
         self.log.info(f"TTOU: now {self.count} workers")
 
     # ------------------------------------------------------------ stopping
@@ -575,6 +597,35 @@ class AdminSocket:
         """A worker has no business with it (and must not unlink it)."""
         if self.sock is not None:
             self.sock.close()
+
+
+class StatsSockets:
+    """The stats listener's sockets (stats_bind), bound and kept by the
+    master as the admin socket is: a scrape while the control process
+    restarts waits in the backlog.  A reload keeps an unchanged address's
+    very socket."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.socks: dict = {}   # Address -> listening socket
+
+    def bind(self, addresses) -> None:
+        for address in [a for a in self.socks if a not in addresses]:
+            self.socks.pop(address).close()
+        for address in addresses:
+            if address in self.socks:
+                continue
+            try:
+                check_free(address)
+                self.socks[address] = open_listener(address)
+            except OSError as e:
+                self.log.error(f"stats_bind {address}: {e.strerror}; the stats listener is not available there")
+
+    def close(self) -> None:
+        """At exit, or in a worker (which has no business with them)."""
+        for sock in self.socks.values():
+            sock.close()
+        self.socks = {}
 
 
 def _socket_alive(path: str) -> bool:

@@ -42,9 +42,18 @@ case: a process killed between taking a slot and counting it loses that
 one slot (the master gives back what a dead process's counts say it held),
 so the bound errs on the safe side and is never exceeded.
 
-Counters for the stats (issue "See it") get a region of their own after
-these; the layout is one table, so a region can be added without moving
-the others' meaning.
+  COUNTERS   int64 per (process slot, object, counter): traffic counters of
+             every frontend, backend and server (COUNTER_FIELDS), each
+             process adding to its own block only; one more block, TOTALS,
+             holds what exited processes counted: the master folds a reaped
+             process's block into it (under FOLD_SEQ, a seqlock readers
+             retry on) and zeroes the block before the slot is given again.
+             A server's object is its server record; a frontend's or a
+             backend's is MAX_SERVERS + its proxy record (Shared.proxies,
+             kept across reloads as server records are).  Totals never go
+             back: a kept object keeps its row, and what a process counted
+             outlives it.
+  PROCESS    the master: its pid, start time, reloads, generation, workers.
 """
 
 from __future__ import annotations
@@ -55,7 +64,9 @@ import os
 import struct
 import time
 
-PROC = struct.Struct("=qd")            # pid, heartbeat (time.monotonic(): one clock for all processes)
+PROC = struct.Struct("=qdII")          # pid, heartbeat (time.monotonic(): one clock for all processes),
+                                       # generation, worker number (0: the control process)
+BEAT = struct.Struct("=d")             # the heartbeat alone, at offset 8 of a PROC entry
 # A server record: a sequence number, then what workers read on every
 # choice (state, admin state, effective weight: HOT, one small read), then
 # the rest.  Fields in FIELDS order after the sequence number.
@@ -77,9 +88,27 @@ SERVER_STRIDE = (SERVER.size + 7) & ~7
 # again, and no reader may spin on it meanwhile (a worker least of all).
 READ_TRIES = 100
 MAX_COUNT = 0xFFFF
-HEADER = struct.Struct("=I")            # process slots in use: [0, high water)
-MAX_PROCS = 1024                        # processes alive at once, all generations together
+HEADER = struct.Struct("=II")           # process slots in use: [0, high water); the fold sequence
+FOLD_SEQ = 4                            # its offset: odd while the master folds a gone process's counters
+PROCESS = struct.Struct("=qdIII")       # master pid, start time (time.time()), reloads, generation, workers
+MAX_PROCS = 512                         # processes alive at once, all generations together (workers <= 256 each)
 MAX_SERVERS = 4096                      # server records alive at once, all generations together
+MAX_PROXIES = 512                       # frontend and backend records alive at once
+OBJECTS = MAX_SERVERS + MAX_PROXIES     # rows of a counter block
+TOTALS = MAX_PROCS                      # the counter block of processes gone
+
+# The counters of one object, in one process's block.  Summed over the
+# blocks by readers, except: GAUGES are a live process's current figure
+# (dropped, not folded, when it exits) and MAXIMA are combined with max().
+COUNTER_FIELDS = (
+    "sessions", "bytes_in", "bytes_out", "connection_errors", "response_errors", "retries",
+    "redispatches", "http_requests", "http_1xx", "http_2xx", "http_3xx", "http_4xx", "http_5xx",
+    "http_other", "request_errors", "requests_denied", "internal_errors", "check_failures",
+    "check_up_down", "downtime_ms", "current_sessions", "current_queue", "max_queue", "last_session")
+C = type("CounterIndex", (), {name: i for i, name in enumerate(COUNTER_FIELDS)})  # C.sessions == 0 ...
+NCOUNTERS = len(COUNTER_FIELDS)
+GAUGES = frozenset(COUNTER_FIELDS.index(n) for n in ("current_sessions", "current_queue"))
+MAXIMA = frozenset(COUNTER_FIELDS.index(n) for n in ("max_queue", "last_session"))
 
 UNCHECKED, UP, DOWN = 0, 1, 2           # operational state (UNCHECKED: no health_check = up)
 READY, DRAIN, MAINT = 0, 1, 2           # admin state
@@ -89,8 +118,9 @@ ADMIN_NAMES = {READY: "ready", DRAIN: "drain", MAINT: "maint"}
 
 def _layout() -> dict[str, tuple[int, int]]:
     """region -> (offset, size): the one table every process reads the memory by."""
-    sizes = {"header": HEADER.size, "procs": PROC.size * MAX_PROCS, "servers": SERVER_STRIDE * MAX_SERVERS,
-             "sessions": 4 * MAX_PROCS * MAX_SERVERS}
+    sizes = {"header": HEADER.size, "process": PROCESS.size, "procs": PROC.size * MAX_PROCS,
+             "servers": SERVER_STRIDE * MAX_SERVERS, "sessions": 4 * MAX_PROCS * MAX_SERVERS,
+             "counters": 8 * (MAX_PROCS + 1) * OBJECTS * NCOUNTERS}
     layout, offset = {}, 0
     for name, size in sizes.items():
         layout[name] = (offset, size)
@@ -101,6 +131,7 @@ def _layout() -> dict[str, tuple[int, int]]:
 
 LAYOUT = _layout()
 ZERO_ROW = memoryview(bytearray(4 * MAX_PROCS)).cast("i")
+ZERO_COUNTERS = memoryview(bytearray(8 * NCOUNTERS)).cast("q")
 
 
 class ServerState:
@@ -185,6 +216,10 @@ class Shared:
         self.retired: dict[str, tuple[int, int]] = {}   # removed by a reload: key -> (record, generation)
         self.slots: dict[int, SlotPipe] = {}   # record -> its maxconn slots (servers with a maxconn)
         self.sessions = memoryview(self.memory)[LAYOUT["sessions"][0]:][:LAYOUT["sessions"][1]].cast("i")
+        self.counters = memoryview(self.memory)[LAYOUT["counters"][0]:][:LAYOUT["counters"][1]].cast("q")
+        self.proxies: dict[str, int] = {}   # "frontend/NAME", "backend/NAME" -> proxy record
+        self.retired_proxies: dict[str, tuple[int, int]] = {}
+        self.free_proxy_records = list(range(MAX_PROXIES - 1, -1, -1))
 
     # ------------------------------------------------------------ processes
     def allocate(self, now: float) -> int:
@@ -192,30 +227,122 @@ class Shared:
         if not self.free_procs:
             raise SharedFull(f"more than {MAX_PROCS} processes, counting those of draining generations")
         index = self.free_procs.pop()
-        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, 0, now)
-        high = HEADER.unpack_from(self.memory, 0)[0]
+        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, 0, now, 0, 0)
+        high = SEQ.unpack_from(self.memory, 0)[0]
         if index >= high:
-            HEADER.pack_into(self.memory, 0, index + 1)
+            SEQ.pack_into(self.memory, 0, index + 1)
         return index
 
+    def started(self, index: int, pid: int, generation: int, number: int) -> None:
+        """Master, right after forking into INDEX: who is there (for the stats)."""
+        offset = LAYOUT["procs"][0] + index * PROC.size
+        PROC.pack_into(self.memory, offset, pid, BEAT.unpack_from(self.memory, offset + 8)[0], generation, number)
+
     def release(self, index: int) -> None:
-        """Master: the process in INDEX is gone (reaped): its sessions column
-        goes back to zero, then the slot can be given again."""
+        """Master: the process in INDEX is gone (reaped): its counters are
+        folded into the totals, its sessions column goes back to zero, then
+        the slot can be given again."""
+        self._fold(index)
         for record in [*self.servers.values(), *(r for r, _ in self.retired.values())]:
             held = self.sessions[record * MAX_PROCS + index]
             self.sessions[record * MAX_PROCS + index] = 0
             if held > 0 and record in self.slots:
                 self.slots[record].give(held)
+        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, 0, 0.0, 0, 0)
         self.free_procs.append(index)
 
     def heartbeat(self, index: int) -> float:
-        return PROC.unpack_from(self.memory, LAYOUT["procs"][0] + index * PROC.size)[1]
+        return BEAT.unpack_from(self.memory, LAYOUT["procs"][0] + index * PROC.size + 8)[0]
 
-    def beat(self, index: int, now: float, pid: int = 0) -> None:
-        PROC.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size, pid, now)
+    def beat(self, index: int, now: float) -> None:
+        BEAT.pack_into(self.memory, LAYOUT["procs"][0] + index * PROC.size + 8, now)
+
+    def processes(self) -> list[tuple[int, int, int, int]]:
+        """(slot, pid, generation, worker number or 0 for the control process)
+        of every live process the master has recorded."""
+        found = []
+        for index in range(self.high_water()):
+            pid, _, generation, number = PROC.unpack_from(self.memory, LAYOUT["procs"][0] + index * PROC.size)
+            if pid:
+                found.append((index, pid, generation, number))
+        return found
+
+    def write_process(self, pid: int, started: float, reloads: int, generation: int, workers: int) -> None:
+        """Master: what show info and the process metrics say of it."""
+        PROCESS.pack_into(self.memory, LAYOUT["process"][0], pid, started, reloads, generation, workers)
+
+    def read_process(self) -> dict:
+        pid, started, reloads, generation, workers = PROCESS.unpack_from(self.memory, LAYOUT["process"][0])
+        return {"pid": pid, "started": started, "reloads": reloads, "generation": generation, "workers": workers}
 
     def high_water(self) -> int:
-        return HEADER.unpack_from(self.memory, 0)[0]
+        return SEQ.unpack_from(self.memory, 0)[0]
+
+    # ------------------------------------------------------------ counters
+    def row(self, slot: int, obj: int) -> memoryview:
+        """Process SLOT's counters of object OBJ (a server record, or
+        proxy_object(...)), indexed by C: for that process to add to."""
+        start = (slot * OBJECTS + obj) * NCOUNTERS
+        return self.counters[start:start + NCOUNTERS]
+
+    def proxy_object(self, kind: str, name: str) -> int:
+        """The counter object of a frontend ("frontend") or backend ("backend")."""
+        return MAX_SERVERS + self.proxies[f"{kind}/{name}"]
+
+    def _objects_known(self) -> list[int]:
+        return [*self.servers.values(), *(r for r, _ in self.retired.values()),
+                *(MAX_SERVERS + r for r in self.proxies.values()),
+                *(MAX_SERVERS + r for r, _ in self.retired_proxies.values())]
+
+    def _fold(self, index: int) -> None:
+        """Master: add a gone process's counters into TOTALS and zero them.
+        Readers see FOLD_SEQ odd meanwhile and read again (see totals)."""
+        seq = SEQ.unpack_from(self.memory, FOLD_SEQ)[0]
+        SEQ.pack_into(self.memory, FOLD_SEQ, (seq + 1) & 0xFFFFFFFF)
+        counters = self.counters
+        for obj in self._objects_known():
+            mine = (index * OBJECTS + obj) * NCOUNTERS
+            total = (TOTALS * OBJECTS + obj) * NCOUNTERS
+            for i in range(NCOUNTERS):
+                value = counters[mine + i]
+                if value:
+                    if i in MAXIMA:
+                        counters[total + i] = max(counters[total + i], value)
+                    elif i not in GAUGES:
+                        counters[total + i] += value
+                    counters[mine + i] = 0
+        SEQ.pack_into(self.memory, FOLD_SEQ, (seq + 2) & 0xFFFFFFFF)
+
+    def _zero_object(self, obj: int) -> None:
+        """Master: a freed object's counters, in every block (only TOTALS can
+        still hold any: live processes never knew it, gone ones were folded)."""
+        for block in range(MAX_PROCS + 1):
+            start = (block * OBJECTS + obj) * NCOUNTERS
+            if any(self.counters[start:start + NCOUNTERS]):
+                self.counters[start:start + NCOUNTERS] = ZERO_COUNTERS
+
+    def totals(self, objects: list[int]) -> list[list[int]]:
+        """For each of OBJECTS, its counters summed over every process, live
+        and gone (GAUGES over live ones, MAXIMA as max), in C order.  Retried
+        while the master folds a gone process in, so no total is ever seen
+        counted twice or not at all (a counter never seems to go back)."""
+        for _ in range(READ_TRIES):
+            seq = SEQ.unpack_from(self.memory, FOLD_SEQ)[0]
+            if seq & 1:
+                continue
+            result = [self._sum(obj) for obj in objects]
+            if SEQ.unpack_from(self.memory, FOLD_SEQ)[0] == seq:
+                break
+        return result
+
+    def _sum(self, obj: int) -> list[int]:
+        counters = self.counters
+        blocks = [*range(self.high_water()), TOTALS]
+        rows = [counters[(b * OBJECTS + obj) * NCOUNTERS:][:NCOUNTERS].tolist() for b in blocks]
+        summed = [sum(column) for column in zip(*rows)]
+        for i in MAXIMA:
+            summed[i] = max(row[i] for row in rows)
+        return summed
 
     # ------------------------------------------------------------ servers (master)
     def assign(self, limits: dict[str, int], generation: int, initial) -> None:
@@ -256,7 +383,30 @@ class Shared:
                     slots.close()
                 start = record * MAX_PROCS
                 self.sessions[start:start + MAX_PROCS] = ZERO_ROW
+                self._zero_object(record)
                 self.free_servers.append(record)
+        for key, (record, generation) in list(self.retired_proxies.items()):
+            if generation <= oldest_alive:
+                del self.retired_proxies[key]
+                self._zero_object(MAX_SERVERS + record)
+                self.free_proxy_records.append(record)
+
+    def assign_proxies(self, keys: list[str], generation: int) -> None:
+        """Master, before forking GENERATION: a proxy record for each
+        "frontend/NAME" and "backend/NAME" of KEYS (a kept one keeps its own,
+        and with it its counters); the others retire as servers do."""
+        for key in keys:
+            record = self.proxies.get(key)
+            if record is None:
+                record, _ = self.retired_proxies.pop(key, (None, 0))
+            if record is None:
+                if not self.free_proxy_records:
+                    raise SharedFull(f"more than {MAX_PROXIES} frontends and backends, counting those of "
+                                     f"draining generations")
+                record = self.free_proxy_records.pop()
+            self.proxies[key] = record
+        for key in [k for k in self.proxies if k not in keys]:
+            self.retired_proxies[key] = (self.proxies.pop(key), generation)
 
     def collect_debts(self) -> None:
         for slots in self.slots.values():

@@ -21,6 +21,7 @@ from collections import deque
 from proxyd.balance import Balancer
 from proxyd.config import BackendConfig, Config, FrontendConfig
 from proxyd.log import Log
+from proxyd.shared import C
 from proxyd.loop import EDGE, IN, Loop
 from proxyd.http.session import HttpSession
 from proxyd.tcp import INF, CopyPump, Pump, TcpSession, ioctl_int
@@ -103,17 +104,23 @@ class Backend:
         self.name = config.name
         self.config = config
         self.loop = loop
-        self.balancer = Balancer(config, shared, slot, worker_number, self._slot_freed)
+        self.counts = shared.row(slot, shared.proxy_object("backend", config.name))
+        self.balancer = Balancer(config, shared, slot, worker_number, self._slot_freed, self.counts)
         self.queue: deque = deque()
         self.watched = [s.slots.r for s in self.balancer.servers if s.slots is not None]
-        self.active = 0   # this worker's sessions (http: requests) on one of its servers
         self.watching = False
+
+    @property
+    def active(self) -> int:
+        """This worker's sessions (http: requests) on one of its servers."""
+        return self.counts[C.current_sessions]
 
     def wait(self, session, front: bool = False) -> None:
         if front:
             self.queue.appendleft(session)
         else:
             self.queue.append(session)
+        self._queue_changed()
         if not self.watching:
             self.watching = True
             # Edge-triggered: woken by each slot given back, not by the
@@ -144,7 +151,14 @@ class Backend:
                 break   # no slot for it after all: it is first again, and waits
         self._unwatch_if_empty()
 
+    def _queue_changed(self) -> None:
+        counts, length = self.counts, len(self.queue)
+        counts[C.current_queue] = length
+        if length > counts[C.max_queue]:
+            counts[C.max_queue] = length
+
     def _unwatch_if_empty(self) -> None:
+        self._queue_changed()
         if self.watching and not self.queue:
             self.watching = False
             for fd in self.watched:
@@ -152,10 +166,11 @@ class Backend:
 
 
 class Frontend:
-    def __init__(self, config: FrontendConfig, backend: Backend, log: Log):
+    def __init__(self, config: FrontendConfig, backend: Backend, log: Log, counts):
         self.name = config.name
         self.config = config
         self.backend = backend
+        self.counts = counts    # this worker's row of counters for it (shared.C)
         self.listeners: list[Listener] = []
         self.active = 0
         self.session = HttpSession if config.mode == "http" else TcpSession
@@ -239,7 +254,8 @@ class Worker:
         self.starved: dict[str, list] = {}  # "fds" | "ports" -> [since, failures]: one episode each
         self.backends = {name: Backend(b, shared, shared_slot, number, self.loop)
                          for name, b in config.backends.items()}
-        self.frontends = {name: Frontend(f, self.backends[f.backend], log)
+        self.frontends = {name: Frontend(f, self.backends[f.backend], log,
+                                         shared.row(shared_slot, shared.proxy_object("frontend", name)))
                           for name, f in config.frontends.items()}
         self.listeners = [Listener(self, self.frontends[name], sock) for name, sock in sockets]
         for listener in self.listeners:
@@ -426,7 +442,11 @@ class Worker:
     def session_opened(self, session) -> None:
         self.sessions.add(session)
         self.active += 1
-        session.frontend.active += 1
+        frontend = session.frontend
+        frontend.active += 1
+        counts = frontend.counts
+        counts[C.sessions] += 1
+        counts[C.current_sessions] = frontend.active
 
     def new_pump(self, src, dst) -> Pump:
         """A one-way relay: splice through a pooled pipe, or the copying fallback."""
@@ -441,6 +461,7 @@ class Worker:
         self.active -= 1
         frontend = session.frontend
         frontend.active -= 1
+        frontend.counts[C.current_sessions] = frontend.active
         if self.paused_until and "fds" in self.starved:
             self.paused_until = 0.0  # paused at the fd limit: this session's fds are free now
             self._resume_accepting()
