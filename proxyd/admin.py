@@ -261,21 +261,47 @@ def backend_mode(control, backend) -> str:
     return modes.pop() if len(modes) == 1 else "tcp"
 
 
+# `show stat` column -> /stats figure, for the traffic counters
+COUNTER_COLUMNS = {"qcur": "current_queue", "qmax": "max_queue", "stot": "sessions_total", "bin": "bytes_in_total",
+                   "bout": "bytes_out_total", "dreq": "requests_denied_total", "ereq": "request_errors_total",
+                   "econ": "connection_errors_total", "eresp": "response_errors_total",
+                   "wretr": "retry_warnings_total", "wredis": "redispatch_warnings_total",
+                   "chkfail": "check_failures_total", "chkdown": "check_up_down_total",
+                   "req_tot": "http_requests_total"}
+
+
+def _counters(figures: dict, now: float) -> dict:
+    """The counter columns of one row, from its /stats figures."""
+    row = {column: figures[key] for column, key in COUNTER_COLUMNS.items() if key in figures}
+    for i, code in enumerate(("1xx", "2xx", "3xx", "4xx", "5xx", "other")):
+        row[f"hrsp_{code}"] = figures["http_responses_total"][code]
+    if "downtime_seconds_total" in figures:
+        row["downtime"] = int(figures["downtime_seconds_total"])
+    if figures.get("last_session_seconds"):
+        row["lastsess"] = int(now - figures["last_session_seconds"])
+    return row
+
+
 def stat_rows(control) -> list[dict]:
+    from proxyd.stats import snapshot
+    snap = snapshot(control)
+    now = time.time()
     rows = []
-    for iid, frontend in enumerate(control.config.frontends.values(), 1):
+    for iid, (frontend, figures) in enumerate(zip(control.config.frontends.values(), snap["frontends"]), 1):
         rows.append({"pxname": frontend.name, "svname": "FRONTEND", "status": "OPEN", "pid": control.info["master_pid"],
-                     "iid": iid, "sid": 0, "type": 0, "mode": frontend.mode, "slim": frontend.maxconn})
+                     "iid": iid, "sid": 0, "type": 0, "mode": frontend.mode, "slim": frontend.maxconn,
+                     "scur": figures["current_sessions"], **_counters(figures, now)})
     first = len(rows) + 1
-    for iid, backend in enumerate(control.config.backends.values(), first):
-        servers = [server_row(control, backend, s, iid, sid) for sid, s in enumerate(backend.servers, 1)]
+    for iid, (backend, figures) in enumerate(zip(control.config.backends.values(), snap["backends"]), first):
+        servers = [{**server_row(control, backend, s, iid, sid), **_counters(f, now)}
+                   for sid, (s, f) in enumerate(zip(backend.servers, figures["servers"]), 1)]
         up = [r for r in servers if r["status"] in ("UP", "no check")]
         rows += servers
         rows.append({"pxname": backend.name, "svname": "BACKEND", "scur": sum(r["scur"] for r in servers),
                      "status": "UP" if up else "DOWN", "weight": sum(r["weight"] for r in up if r["act"]),
                      "act": sum(r["act"] for r in up), "bck": sum(r["bck"] for r in up),
                      "pid": control.info["master_pid"], "iid": iid, "sid": 0, "type": 1,
-                     "mode": backend_mode(control, backend), "algo": backend.balance})
+                     "mode": backend_mode(control, backend), "algo": backend.balance, **_counters(figures, now)})
     return rows
 
 

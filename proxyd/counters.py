@@ -71,9 +71,20 @@ def exchange_ended(frontend, backend, tried: list, connected: bool, up: int, dow
     s[C.last_session] = now
     if status != -2:
         s[_status_index(status)] += 1
-    if term[:1] in ("S", "s"):   # the server aborted, or went silent, after it was connected
+    if _server_failed(term, err, status == -2):
         b[C.response_errors] += 1
         s[C.response_errors] += 1
+
+
+def _server_failed(term: str, err: str, tcp: bool) -> bool:
+    """The server aborted or went silent once connected.  In tcp mode proxyd
+    marks every end by a FIN with who sent it (SD: the server), an abort
+    only by its error; a timeout_fin after the server's FIN is the client's."""
+    if term[:1] == "s":
+        return True
+    if term[:1] != "S":
+        return False
+    return not tcp or bool(err) and err != "timeout_fin"
 
 
 def _status_index(status: int) -> int:
