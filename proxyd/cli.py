@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     pidfile = args.pidfile or config.global_.pidfile
     pidfile = pidfile and os.path.abspath(pidfile)
     try:
-        log = Log(config.global_.log, config.global_.log_level)
+        log = Log(config.global_.log, config.global_.log_level, syslog_format=config.global_.syslog_format)
     except OSError as e:
         return fail(f"{args.config}: global.log: cannot open {config.global_.log}: {e.strerror or e}")
     if pidfile:

@@ -1,5 +1,18 @@
 """Logging: one small writer for stderr, a file, or syslog (unix, UDP or TCP).
 
+A file or stderr gets `ISO-TIME proxyd[PID]: MESSAGE` lines.  Syslog gets
+one message per datagram (unix or UDP), or a stream of them over TCP, with
+the header of the configured format (global.syslog_format):
+  rfc3164: `<PRI>Mmm dd hh:mm:ss proxyd[PID]: MESSAGE` (no hostname: what
+           HAProxy and logger(1) send to a local daemon), newline-framed
+           over TCP (RFC 6587 3.4.2, "non-transparent framing");
+  rfc5424: `<PRI>1 TIMESTAMP HOSTNAME proxyd PID - - MESSAGE`, the timestamp
+           local time with its offset and microseconds, octet-counted over
+           TCP (RFC 6587 3.4.1: `LENGTH SP MESSAGE`), the message ending
+           with a newline that the length counts, so that every frame ends
+           a line as the backlog's bookkeeping below expects.
+PRI is the daemon facility (3) times 8 plus the severity.
+
 Access lines are the hot path (one per session), so they are buffered and
 written once per event-loop iteration with a single write; other messages are
 written at once.  The timestamp prefix is rebuilt once per second, not per
@@ -50,8 +63,11 @@ def nonblocking_stderr() -> int:
 
 
 class Log:
-    def __init__(self, target: str = "stderr", level: str = "info", tag: str = "proxyd"):
+    def __init__(self, target: str = "stderr", level: str = "info", tag: str = "proxyd",
+                 syslog_format: str = "rfc3164"):
         self.target = target
+        self.rfc5424 = syslog_format == "rfc5424"
+        self.hostname = socket.gethostname() or "-"   # RFC 5424 6.2.4: the host's name, "-" if unknown
         self.threshold = LEVELS[level]
         self.tag = tag
         self.pid = os.getpid()
@@ -66,6 +82,8 @@ class Log:
         self.regular_file = False     # the sink is a file (a cut line can be taken back)
         self._second = -1
         self._prefix = ""
+        self._syslog_second = -1
+        self._syslog_stamp = ""
         self.open()
 
     # ------------------------------------------------------------ the target
@@ -121,7 +139,7 @@ class Log:
         parent had not written yet is the parent's to write."""
         self.tag = tag
         self.pid = os.getpid()
-        self._second = -1
+        self._second = self._syslog_second = -1
         self.pending = []
         self.backlog.clear()
         self.dropped = 0
@@ -139,7 +157,33 @@ class Log:
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z {self.tag}[{self.pid}]: "
 
     def _syslog_header(self, severity: int) -> str:
-        return f"<{FACILITY_DAEMON * 8 + severity}>{time.strftime('%b %d %H:%M:%S')} {self.tag}[{self.pid}]: "
+        """The header of the messages of one batch; the time down to the
+        second is formatted once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._syslog_second:
+            self._syslog_second = second
+            local = time.localtime(second)
+            if self.rfc5424:
+                offset = local.tm_gmtoff
+                sign = "-" if offset < 0 else "+"
+                offset = abs(offset) // 60
+                self._syslog_stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", local),
+                                      f"{sign}{offset // 60:02d}:{offset % 60:02d}")
+            else:  # RFC 3164 4.1.2: the day of the month space-padded
+                self._syslog_stamp = time.strftime(f"%b {local.tm_mday:2d} %H:%M:%S", local)
+        pri = FACILITY_DAEMON * 8 + severity
+        if self.rfc5424:
+            date, zone = self._syslog_stamp
+            return f"<{pri}>1 {date}.{int((now - second) * 1e6):06d}{zone} {self.hostname} {self.tag} {self.pid} - - "
+        return f"<{pri}>{self._syslog_stamp} {self.tag}[{self.pid}]: "
+
+    def _frame(self, header: str, line: str) -> str:
+        """One message on a syslog TCP stream."""
+        if self.rfc5424:
+            message = f"{header}{line}\n"
+            return f"{len(message.encode(errors='replace'))} {message}"
+        return f"{header}{line}\n"
 
     def _emit(self, severity: int, lines: list[str]) -> None:
         if self.sock is not None:
@@ -160,7 +204,7 @@ class Log:
                     self.dropped += len(lines)
                     return
                 self._connect_stream()
-            return self._write("".join(f"{header}{line}\n" for line in lines).encode(errors="replace"))
+            return self._write("".join(self._frame(header, line) for line in lines).encode(errors="replace"))
         stamp = self._stamp()
         self._write("".join(f"{stamp}{line}\n" for line in lines).encode(errors="replace"))
 

@@ -37,9 +37,10 @@ import os
 import socket
 import struct
 import termios
+import time
 
+from proxyd.accesslog import NOSRV, accept_date, tcp_state
 from proxyd.balance import QUEUE
-from proxyd.counters import exchange_ended
 from proxyd.loop import IN, OUT, TROUBLE
 
 CONNECTING, RELAYING, ACK_WAIT, CLOSED = "connecting", "relaying", "ack-wait", "closed"
@@ -624,21 +625,33 @@ class TcpSession:
             up.close()
             down.close()
         self.worker.session_closed(self)
-        exchange_ended(self.frontend, self.backend, self.tried, self.connect_ms >= 0,
-                       up.moved if up else 0, down.moved if down else 0, self.term or "--", self.err)
         self._log()
         # Break the cycle of the bound methods kept for epoll: the session is
         # then freed by refcount, without work for the garbage collector.
         self.on_client = self.on_server = None
 
     def _log(self) -> None:
-        client = peer_label(self.peer)
-        server = self.tried[-1].name if self.connect_ms >= 0 else "-"
-        up = self.up.moved if self.up else 0
-        down = self.down.moved if self.down else 0
-        total = int((self.loop.now - self.started) * 1000)
-        line = (f"{client} {self.frontend.name} {self.backend.name}/{server} Tc={self.connect_ms} "
-                f"Tt={total} up={up} down={down} term={self.term or '--'}")
-        if self.err:
-            line += f" err={self.err}"
-        self.worker.log.access(line)
+        """The session's line in HAProxy's tcplog layout (proxyd/accesslog.py).
+        Tw, the wait in the backend's queue, is known exactly when there was
+        one connection attempt (it began when the wait ended); after
+        retries it counts as 0, the whole wait in Tc.  The counts are this
+        worker's, once the session has let go of them (as HAProxy's tcplog)."""
+        now = self.loop.now
+        tried, backend, frontend, worker = self.tried, self.backend, self.frontend, self.worker
+        queued = self.queued_until > 0
+        if queued:   # still in the queue: since it went in
+            waited = int((now - self.queued_until + backend.config.timeout_queue) * 1000)
+        elif len(tried) == 1:
+            waited = int((self.attempt_started - self.started) * 1000)
+        else:
+            waited = 0 if tried else -1
+        connect = self.connect_ms - waited if self.connect_ms >= 0 else -1
+        server = tried[-1] if tried else None
+        state, fin = tcp_state(self.term, self.err, frontend.config.half_close, queued)
+        err = self.err
+        worker.log.access(
+            f"{peer_label(self.peer)} [{accept_date(time.time() - (now - self.started))}] {frontend.name} "
+            f"{backend.name}/{server.name if server else NOSRV} {waited}/{connect}/{int((now - self.started) * 1000)} "
+            f"{self.down.moved if self.down else 0} {state} {worker.active}/{frontend.active}/{backend.active}/"
+            f"{server.sessions() if server else 0}/{max(len(tried) - 1, 0)} 0/{len(backend.queue)} "
+            f"up={self.up.moved if self.up else 0}{' fin=' + fin if fin else ''}{' err=' + err if err else ''}")

@@ -1776,7 +1776,7 @@ class LogWatch:
                         r"reloading .*: generation (?P<gen>\d+), (?P<reload>\d+) workers|"
                         r"generation (?P<serving>\d+) serving|"
                         r"TT(?:IN|OU): now (?P<resize>\d+) workers")
-    ACCESS = re.compile(r"^\S+ proxyd\[(\d+)\]: \S+ fe_(?:tcp|http|tcp_hc) ")
+    ACCESS = re.compile(r"^\S+ proxyd\[(\d+)\]: \S+ \[[^]]+\] fe_(?:tcp|http|tcp_hc) ")
 
     def __init__(self, path: Path):
         self.path = path
@@ -2589,17 +2589,21 @@ class ServerDriver:
 
 
 SERVER_LINE = re.compile(r"^(\S+) proxyd\[\d+\]: Server (\S+) is (DOWN|UP), reason: ")
-NOSRV_HTTP = re.compile(r'^(\S+) proxyd\[\d+\]: \S+ fe_http (\S+)/\S+ "[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" 503 '
-                        r'.* term=([sS]C)(?: err=(.*))?$')
-NOSRV_TCP = re.compile(r"^(\S+) proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? (\S+)/\S+ Tc=\S+ Tt=\S+ up=\d+ "
-                       r"down=\d+ term=([sS]C)(?: err=(.*))?$")
+# Access lines in HAProxy's httplog and tcplog layouts (man/proxyd.8).
+NOSRV_HTTP = re.compile(r'^(?P<time>\S+) proxyd\[\d+\]: \S+ \[[^]]+\] fe_http (?P<backend>\S+)/\S+ \S+ 503 \d+ - - '
+                        r'(?P<term>[sS]C)-- \S+ \S+ "[A-Z]+ /chaos/(?P<sid>[0-9a-f]{8}) HTTP/1\.1" up=\d+'
+                        r'(?: err=(?P<err>.*))?$')
+NOSRV_TCP = re.compile(r"^(?P<time>\S+) proxyd\[\d+\]: 127\.0\.0\.1:(?P<port>\d+) \[[^]]+\] fe_tcp(?:_hc)? "
+                       r"(?P<backend>\S+)/\S+ \S+ \d+ (?P<term>[sS]C) \S+ \S+ up=\d+(?: err=(?P<err>.*))?$")
 
 
 # A session's server connection reset before the server said anything (term S.).
-RESET_HTTP = re.compile(r'^(\S+) proxyd\[\d+\]: \S+ fe_http (\S+)/(\S+) "[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" '
-                        r'-?\d+ Tq=\S+ Tc=(-?\d+) Tr=\S+ Tt=(-?\d+) .*term=(S\S)(?: err=(\S+))?')
-RESET_TCP = re.compile(r"^(\S+) proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? (\S+)/(\S+) Tc=(-?\d+) Tt=(-?\d+) "
-                       r"up=\d+ down=\d+ term=(S\S)(?: err=(\S+))?")
+RESET_HTTP = re.compile(r'^(?P<time>\S+) proxyd\[\d+\]: \S+ \[[^]]+\] fe_http (?P<backend>\S+)/(?P<server>\S+) '
+                        r'-?\d+/-?\d+/(?P<Tc>-?\d+)/-?\d+/(?P<Tt>\d+) -?\d+ \d+ - - (?P<term>S\S)-- \S+ \S+ '
+                        r'"[A-Z]+ /chaos/(?P<sid>[0-9a-f]{8}) HTTP/1\.1" up=\d+(?: err=(?P<err>\S+))?')
+RESET_TCP = re.compile(r"^(?P<time>\S+) proxyd\[\d+\]: 127\.0\.0\.1:(?P<port>\d+) \[[^]]+\] fe_tcp(?:_hc)? "
+                       r"(?P<backend>\S+)/(?P<server>\S+) -?\d+/(?P<Tc>-?\d+)/(?P<Tt>\d+) \d+ (?P<term>S\S) \S+ \S+ "
+                       r"up=\d+(?: fin=\S+)?(?: err=(?P<err>\S+))?")
 
 
 @dataclass(frozen=True)
@@ -2626,15 +2630,17 @@ def read_server_log(p: int, path, events: dict, no_server: list) -> None:
                         events.setdefault((p, m[2]), []).append(StateEvent(log_time(m[1]), m[3].lower(),
                                                                            text=line.strip()))
                     continue
-                if "term=SC" not in line and "term=sC" not in line:
+                if " SC" not in line and " sC" not in line:
                     continue
                 m = NOSRV_HTTP.match(line)
                 if m:
-                    no_server.append(NoServer(p, log_time(m[1]), m[2], "http", int(m[3], 16), line.strip()))
+                    no_server.append(NoServer(p, log_time(m["time"]), m["backend"], "http", int(m["sid"], 16),
+                                              line.strip()))
                     continue
                 m = NOSRV_TCP.match(line)
                 if m:
-                    no_server.append(NoServer(p, log_time(m[1]), m[3], "tcp", int(m[2]), line.strip()))
+                    no_server.append(NoServer(p, log_time(m["time"]), m["backend"], "tcp", int(m["port"]),
+                                              line.strip()))
     except FileNotFoundError:
         pass
 
@@ -2834,22 +2840,22 @@ def lost_in_backlogs(result: Result, proxies: ProxySet, engine: Engine, driver: 
         try:
             with open(proxy.log_path, errors="replace") as f:
                 for line in f:
-                    if " term=S" not in line:
+                    if " S" not in line:
                         continue
                     m = RESET_HTTP.match(line)
-                    if m and int(m[4], 16) in wanted:
-                        lines.append((p, log_time(m[1]), f"{m[2]}/{m[3]}", int(m[4], 16), 0, int(m[5]), int(m[6]),
-                                      m[8] or ""))
+                    if m and int(m["sid"], 16) in wanted:
+                        lines.append((p, log_time(m["time"]), f"{m['backend']}/{m['server']}", int(m["sid"], 16), 0,
+                                      int(m["Tc"]), int(m["Tt"]), m["err"] or ""))
                         continue
                     m = RESET_TCP.match(line)
-                    if m and int(m[2]) in ports:
-                        lines.append((p, log_time(m[1]), f"{m[3]}/{m[4]}", -1, int(m[2]), int(m[5]), int(m[6]),
-                                      m[8] or ""))
+                    if m and int(m["port"]) in ports:
+                        lines.append((p, log_time(m["time"]), f"{m['backend']}/{m['server']}", -1, int(m["port"]),
+                                      int(m["Tc"]), int(m["Tt"]), m["err"] or ""))
         except FileNotFoundError:
             pass
     lost = set()
     for p, t, key, sid, port, tc, tt, err in lines:
-        if tc < 0 or key.endswith("/-") or not ("ECONNRESET" in err or "EPIPE" in err):
+        if tc < 0 or key.endswith("/<NOSRV>") or not ("ECONNRESET" in err or "EPIPE" in err):
             continue
         if sid < 0:   # tcp: the violation of the session from that port then
             v = next((v for v in wanted.values() if v.port == port and v.when
@@ -3059,10 +3065,10 @@ KNOWN = {
                       "(term sD, err=timeout) though the server had sent everything: its silence is proxyd's own "
                       "back-pressure while the answer is still on its way to the client (fixed in fa539ae)",
 }
-HTTP_ACCESS = re.compile(r'"[A-Z]+ /chaos/([0-9a-f]{8}) HTTP/1\.1" (-?\d+) .* down=(\d+) term=(\S\S)'
-                         r'(?: err=(\S+))?')
-TCP_ACCESS = re.compile(r"proxyd\[\d+\]: 127\.0\.0\.1:(\d+) fe_tcp(?:_hc)? \S+ Tc=\S+ Tt=\S+ up=(\d+) "
-                        r"down=(\d+) term=(\S\S)(?: err=(\S+))?")
+HTTP_ACCESS = re.compile(r'\] fe_http \S+ \S+ (?P<status>-1|\d+) (?P<down>\d+) - - (?P<term>\S\S)-- \S+ \S+ '
+                         r'"[A-Z]+ /chaos/(?P<sid>[0-9a-f]{8}) HTTP/1\.1" up=\d+(?: err=(?P<err>\S+))?')
+TCP_ACCESS = re.compile(r"proxyd\[\d+\]: 127\.0\.0\.1:(?P<port>\d+) \[[^]]+\] fe_tcp(?:_hc)? \S+ \S+ (?P<down>\d+) "
+                        r"(?P<term>\S\S) \S+ \S+ up=(?P<up>\d+)(?: fin=\S+)?(?: err=(?P<err>\S+))?")
 
 
 def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
@@ -3081,12 +3087,14 @@ def classify_known(result: Result, proxies: ProxySet, planner: Planner) -> None:
                 for line in f:
                     m = HTTP_ACCESS.search(line)
                     if m:
-                        if int(m[1], 16) in wanted or int(m[1], 16) in before:
-                            http_logged[int(m[1], 16)] = (int(m[2]), int(m[3]), m[4], m[5] or "")
+                        sid = int(m["sid"], 16)
+                        if sid in wanted or sid in before:
+                            http_logged[sid] = (int(m["status"]), int(m["down"]), m["term"], m["err"] or "")
                         continue
                     m = TCP_ACCESS.search(line)
-                    if m and int(m[1]) in tcp_ports:
-                        tcp_logged.setdefault((int(m[1]), int(m[2])), []).append((int(m[3]), m[4], m[5] or ""))
+                    if m and int(m["port"]) in tcp_ports:
+                        tcp_logged.setdefault((int(m["port"]), int(m["up"])), []).append(
+                            (int(m["down"]), m["term"], m["err"] or ""))
         except FileNotFoundError:
             pass
     for sid, v in wanted.items():

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tests.support import LOCALHOST, LOG_LINE, Backend, ConnRecord, wait_for
+from tests.support import ACCEPT_DATE, COUNTS, LOCALHOST, LOG_LINE, Backend, ConnRecord, wait_for
 
 CRLF = b"\r\n"
 MAX_HEAD = 1 << 20  # the backend's and the client's own bound on a head
@@ -665,11 +665,14 @@ def http_config(port: int, backends: dict, *, default: str | None = None, routes
 
 # ----------------------------------------------------------- access lines
 
+# HAProxy's httplog (`option httplog`, no header captures), then proxyd's own
+# fields (man/proxyd.8, "HTTP access log"):
+#   %ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B %CC %CS %tsc %ac/%fc/%bc/%sc/%rc %sq/%bq %{+Q}r up=N[ err=WHAT]
 HTTP_ACCESS_LINE = re.compile(
-    r'^(?P<client>\S+) (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+)'
-    r' "(?P<request>.*)" (?P<status>-?\d+)'
-    r' Tq=(?P<Tq>-?\d+) Tc=(?P<Tc>-?\d+) Tr=(?P<Tr>-?\d+) Tt=(?P<Tt>-?\d+)'
-    r' up=(?P<up>\d+) down=(?P<down>\d+) term=(?P<term>\S\S)(?: err=(?P<err>.+))?$')
+    r'^(?P<client>\S+) ' + ACCEPT_DATE + r' (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+)'
+    r' (?P<Tq>-1|\d+)/(?P<Tw>-1|\d+)/(?P<Tc>-1|\d+)/(?P<Tr>-1|\d+)/(?P<Tt>\d+) (?P<status>-1|\d{3}) (?P<down>\d+)'
+    r' - - (?P<state>(?P<term>[-A-Za-z]{2})--) ' + COUNTS +
+    r' "(?P<request>[^"]*)" up=(?P<up>\d+)(?: err=(?P<err>.+))?$')
 
 
 @dataclass(frozen=True)
@@ -681,15 +684,25 @@ class HTTPAccessLine:
     server: str
     request: str
     status: int
-    Tq: int
-    Tc: int
-    Tr: int
-    Tt: int
-    up: int
-    down: int
-    term: str
+    Tq: int       # HAProxy's TR: the request head, from its first byte
+    Tc: int       # connecting (after the queue), -1 if never connected
+    Tr: int       # connected to the response head, -1 if none came
+    Tt: int       # HAProxy's Ta: the request's whole time
+    up: int       # request bytes delivered to the server (proxyd's up=)
+    down: int     # %B: bytes sent to the client
+    term: str     # the first 2 characters of %tsc
     err: str | None
     raw: str
+    state: str = ""   # %tsc, all 4 characters
+    Tw: int = 0
+    date: str = ""
+    ac: int = 0
+    fc: int = 0
+    bc: int = 0
+    sc: int = 0
+    rc: int = 0
+    sq: int = 0
+    bq: int = 0
 
     @property
     def method(self) -> str:
@@ -708,10 +721,12 @@ def parse_http_access_line(line: str) -> HTTPAccessLine | None:
     m = HTTP_ACCESS_LINE.match(outer["message"])
     if not m:
         return None
-    ints = {k: int(m[k]) for k in ("status", "Tq", "Tc", "Tr", "Tt", "up", "down")}
+    ints = {k: int(m[k]) for k in ("status", "Tq", "Tw", "Tc", "Tr", "Tt", "up", "down",
+                                   "ac", "fc", "bc", "sc", "rc", "sq", "bq")}
     return HTTPAccessLine(pid=int(outer["pid"]), client=m["client"], frontend=m["frontend"],
                           backend=m["backend"], server=m["server"], request=m["request"],
-                          term=m["term"], err=m["err"], raw=line.rstrip("\n"), **ints)
+                          term=m["term"], state=m["state"], err=m["err"], date=m["date"],
+                          raw=line.rstrip("\n"), **ints)
 
 
 def http_access_lines(proxy) -> list[HTTPAccessLine]:

@@ -165,11 +165,18 @@ def tcp_config(port: int, servers, *, workers=2, global_=None, defaults=None, fr
 # --------------------------------------------------------------- log lines
 
 LOG_LINE = re.compile(r"^(?P<time>\S+) proxyd\[(?P<pid>\d+)\]: (?P<message>.*)$")
-ACCESS_LINE = re.compile(
-    r"^(?P<client>\S+) (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+)"
-    r" Tc=(?P<Tc>-?\d+) Tt=(?P<Tt>-?\d+) up=(?P<up>\d+) down=(?P<down>\d+)"
-    r" term=(?P<term>\S\S)(?: err=(?P<err>\S+))?$")
 TIME_FIELD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}")
+# HAProxy's accept date, `[06/Feb/2009:12:12:51.443]`.
+ACCEPT_DATE = r"\[(?P<date>[0-3]\d/(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)/\d{4}:\d\d:\d\d:\d\d\.\d{3})\]"
+# The counts and queues shared by tcplog and httplog: %ac/%fc/%bc/%sc/%rc %sq/%bq.
+COUNTS = r"(?P<ac>\d+)/(?P<fc>\d+)/(?P<bc>\d+)/(?P<sc>\d+)/(?P<rc>\d+) (?P<sq>\d+)/(?P<bq>\d+)"
+# HAProxy's tcplog (`option tcplog`), then proxyd's own fields (man/proxyd.8,
+# "TCP access log"):
+#   %ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq up=N[ fin=SIDE][ err=WHAT]
+ACCESS_LINE = re.compile(
+    r"^(?P<client>\S+) " + ACCEPT_DATE + r" (?P<frontend>\S+) (?P<backend>[^/\s]+)/(?P<server>\S+)"
+    r" (?P<Tw>-1|\d+)/(?P<Tc>-1|\d+)/(?P<Tt>\d+) (?P<down>\d+) (?P<term>[-A-Za-z]{2}) " + COUNTS +
+    r" up=(?P<up>\d+)(?: fin=(?P<fin>client|server))?(?: err=(?P<err>\S+))?$")
 
 
 @dataclass(frozen=True)
@@ -179,13 +186,23 @@ class AccessLine:
     frontend: str
     backend: str
     server: str
-    Tc: int
-    Tt: int
-    up: int
-    down: int
-    term: str
+    Tc: int       # HAProxy's Tc: connecting (after the queue), -1 if never connected
+    Tt: int       # accept to the end
+    up: int       # client bytes delivered to the server (proxyd's up=)
+    down: int     # %B: bytes sent to the client
+    term: str     # %ts, HAProxy's termination state
     err: str | None
     raw: str
+    fin: str | None = None   # the side that closed first, on a normal end
+    Tw: int = 0
+    date: str = ""
+    ac: int = 0
+    fc: int = 0
+    bc: int = 0
+    sc: int = 0
+    rc: int = 0
+    sq: int = 0
+    bq: int = 0
 
 
 def parse_access_line(line: str) -> AccessLine | None:
@@ -196,11 +213,11 @@ def parse_access_line(line: str) -> AccessLine | None:
     inner = ACCESS_LINE.match(outer["message"])
     if not inner:
         return None
+    ints = {k: int(inner[k]) for k in ("Tw", "Tc", "Tt", "up", "down", "ac", "fc", "bc", "sc", "rc", "sq", "bq")}
     return AccessLine(
-        pid=int(outer["pid"]), client=inner["client"], frontend=inner["frontend"],
-        backend=inner["backend"], server=inner["server"], Tc=int(inner["Tc"]), Tt=int(inner["Tt"]),
-        up=int(inner["up"]), down=int(inner["down"]), term=inner["term"], err=inner["err"],
-        raw=line.rstrip("\n"))
+        pid=int(outer["pid"]), client=inner["client"], frontend=inner["frontend"], backend=inner["backend"],
+        server=inner["server"], term=inner["term"], err=inner["err"], fin=inner["fin"], date=inner["date"],
+        raw=line.rstrip("\n"), **ints)
 
 
 # ---------------------------------------------------------------- processes

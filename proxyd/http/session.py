@@ -19,8 +19,9 @@ import os
 import re
 import socket
 import termios
+import time
 
-from proxyd.counters import exchange_ended
+from proxyd.accesslog import NOSRV, accept_date, http_state
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path, same_authority,
@@ -827,34 +828,41 @@ class HttpSession:
         # entry pops), not left for the garbage collector's full passes.
         self.on_client = self.on_server = None
 
-    def _count(self) -> None:
-        x = self.x
-        up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
-        down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
-        exchange_ended(self.frontend, x.backend, self.tried, x.connected_at >= 0, up, down, self.term or "--",
-                       self.err, x.status)
-
     def _log(self) -> None:
-        self._count()
+        # The request's line in HAProxy's httplog layout (proxyd/accesslog.py).
         x = self.x
         now = self.loop.now
-        client = peer_label(self.peer)
         # Bytes as delivered: what left our buffers and pumps, not what was queued.
         up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
         down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
         self.to_server.sent = self.to_client.sent = 0
-        backend = x.backend.name if x.backend else "-"
-        server = self.tried[-1].name if x.connected_at >= 0 else "-"
-
-        def ms(t, since=x.started):
-            return int((t - since) * 1000) if t >= 0 else -1
-
-        line = (f'{client} {self.frontend.name} {backend}/{server} "{x.line}" {x.status} '
-                f"Tq={ms(x.head_at)} Tc={ms(x.connected_at, x.head_at if x.head_at >= 0 else x.started)} "
-                f"Tr={ms(x.response_at, x.sent_at) if x.sent_at >= 0 else -1} Tt={ms(now)} "
-                f"up={up} down={down} term={self.term or '--'}")
-        if self.err:
-            line += f" err={self.err}"
-        self.worker.log.access(line)
+        backend, tried, head_at = x.backend, self.tried, x.head_at
+        # Tw: -1 for a request that never reached a server choice (refused,
+        # or no server usable); the wait in the queue, known exactly with
+        # one connection attempt (it began when the wait ended), 0 after
+        # retries (the wait is then in Tc).
+        if head_at < 0 or backend is None or (not tried and self.err == "no_server"):
+            waited = -1
+        elif not tried:    # it waited in the queue until the end
+            waited = int((now - head_at) * 1000)
+        elif len(tried) == 1:
+            waited = max(int((self.attempt_started - head_at) * 1000), 0)
+        else:
+            waited = 0
+        connected_at = x.connected_at
+        server = tried[-1] if tried else None
+        err = self.err
+        frontend = self.frontend
+        self.worker.log.access(
+            f"{peer_label(self.peer)} [{accept_date(time.time() - (now - x.started))}] {frontend.name} "
+            f"{backend.name if backend else frontend.name}/{server.name if server else NOSRV} "
+            f"{int((head_at - x.started) * 1000) if head_at >= 0 else -1}/{waited}/"
+            f"{int((connected_at - head_at) * 1000) - waited if connected_at >= 0 else -1}/"
+            f"{int((x.response_at - connected_at) * 1000) if x.response_at >= 0 and connected_at >= 0 else -1}/"
+            f"{int((now - x.started) * 1000)} {x.status} {down} - - "
+            f"{http_state(self.term, err, not tried and head_at >= 0 and backend is not None)} "
+            f"{self.worker.active}/{frontend.active}/{backend.active if backend else 0}/"
+            f"{server.sessions() if server else 0}/{max(len(tried) - 1, 0)} "
+            f"0/{len(backend.queue) if backend else 0} \"{x.line}\" up={up}{' err=' + err if err else ''}")
         self.term = ""
         self.err = ""

@@ -1,5 +1,6 @@
 """One access line per session with the right names, byte counts and
-termination codes (docs/CONTRACT.md, "Log lines")."""
+termination codes, in HAProxy's tcplog and httplog layouts (man/proxyd.8,
+"TCP access log", "HTTP access log"), read by halog."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tests.support import (LOG_LINE, TIME_FIELD, connect, echo_handler, payload,
 
 NAMES = {"frontend_name": "front_1", "backend_name": "back.end-1"}
 # Servers that wait for the client's EOF, which is not passed on: sessions end
-# timeout_fin after the client's close, still logged as the client's (CD).
+# timeout_fin after the client's close, a normal end the client began (--, fin=client).
 QUICK_FIN = {"timeout_fin": "300ms"}
 
 
@@ -39,7 +40,7 @@ def test_access_lines_client_closes_first(backend, tcp_proxy):
         line = logged[client]
         assert (line.frontend, line.backend, line.server) == ("front_1", "back.end-1", "alpha"), line.raw
         assert (line.up, line.down) == (size, size), line.raw
-        assert line.term == "CD", line.raw
+        assert (line.term, line.fin) == ("--", "client"), line.raw  # a normal end; the client closed first
         assert 0 <= line.Tc <= line.Tt, line.raw
         assert line.pid in workers, line.raw
     for raw in proxy.log_lines():
@@ -65,7 +66,7 @@ def test_access_lines_server_closes_first(backend, tcp_proxy):
     for line in lines:
         assert (line.frontend, line.backend, line.server) == ("front_1", "back.end-1", "beta"), line.raw
         assert (line.up, line.down) == (10, 5000), line.raw
-        assert line.term == "SD", line.raw
+        assert (line.term, line.fin, line.err) == ("--", "server", None), line.raw
         assert 0 <= line.Tc <= line.Tt, line.raw
 
 
@@ -81,11 +82,11 @@ def test_access_line_connection_refused(reserve_port, tcp_proxy):
     assert len(proxy.access_lines()) == 1
     assert line.client == name
     assert (line.frontend, line.backend) == ("front_1", "back.end-1"), line.raw
-    # The contract: server is "-" when none was reached; a refusing server was
-    # tried but never reached, so either is accepted here.
-    assert line.server in ("-", "gamma"), line.raw
+    # As HAProxy's: the server is the last one tried (<NOSRV> when none
+    # was); the refusing server was tried.
+    assert line.server == "gamma", line.raw
     assert line.term == "SC", line.raw
-    assert line.Tc == -1, line.raw
+    assert (line.Tw, line.Tc) == (0, -1), line.raw
     assert (line.up, line.down) == (0, 0), line.raw
 
 
@@ -100,4 +101,4 @@ def test_access_line_counts_half_closed_upload(backend, tcp_proxy):
         rec = sink.wait_done(1, timeout=30)[0]
     assert rec.received == len(data)
     line = proxy.wait_access_lines(1)[0]
-    assert (line.up, line.down, line.term) == (len(data), 0, "CD"), line.raw
+    assert (line.up, line.down, line.term, line.fin) == (len(data), 0, "--", "client"), line.raw

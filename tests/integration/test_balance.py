@@ -20,7 +20,7 @@ def test_refused_connect_is_retried_on_another_server(backend, reserve_port, tcp
     assert len(echo.wait_done(n)) == n
     lines = proxy.wait_access_lines(n)
     assert len(lines) == n
-    assert {(line.server, line.term) for line in lines} == {("up", "CD")}, [l.raw for l in lines]
+    assert {(line.server, line.term, line.fin) for line in lines} == {("up", "--", "client")}, [l.raw for l in lines]
 
 
 def test_weighted_roundrobin(backend, tcp_proxy):

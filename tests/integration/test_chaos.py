@@ -169,8 +169,8 @@ def test_only_a_session_its_dying_server_never_accepted_is_lost_in_its_backlog(t
     t = 1_800_000_000.0
     stamp = chaos.datetime.datetime.fromtimestamp(t, chaos.datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
     log = tmp_path / "chaos0.log"
-    log.write_text(f'{stamp}Z proxyd[1]: 127.0.0.1:5 fe_http be_http/s2 "GET /chaos/{sid:08x} HTTP/1.1" 502 Tq=32 '
-                   f'Tc=0 Tr=-1 Tt=34 up=139 down=168 term=SH err=ECONNRESET\n')
+    log.write_text(f'{stamp}Z proxyd[1]: 127.0.0.1:5 [01/Jan/2026:00:00:00.000] fe_http be_http/s2 32/0/0/-1/34 '
+                   f'502 168 - - SH-- 1/1/1/1/0 0/0 "GET /chaos/{sid:08x} HTTP/1.1" up=139 err=ECONNRESET\n')
     proxies = types.SimpleNamespace(proxies=[types.SimpleNamespace(log_path=log)], targets=[(0, "http", 1)])
 
     def lost(accepted=(), dead=t - 0.01):

@@ -340,7 +340,7 @@ def tcp_access_lines(proxy) -> list[str]:
     return [line for line in proxy.log_lines() if " tcp app/" in line]
 
 
-TCP_NO_SERVER = re.compile(r" tcp app/- Tc=-1 Tt=\d+ up=0 down=0 term=SC( |$)")
+TCP_NO_SERVER = re.compile(r" tcp app/<NOSRV> -1/-1/\d+ 0 SC \d+/\d+/\d+/0/0 0/\d+ up=0( |$)")
 
 
 def test_no_server_tcp_access_line_has_the_documented_layout(servers, proxyd):

@@ -607,7 +607,7 @@ def test_408_on_a_slow_request_head(http_backend, http_proxy):
         rest, how = client.rest_and_close()
         assert rest == b""
     line = wait_http_access_lines(proxy, 1)[0]
-    assert (line.status, line.term, line.server) == (408, "cR", "-"), line.raw
+    assert (line.status, line.term, line.server) == (408, "cR", "<NOSRV>"), line.raw
     assert app.connections() == []
 
 
@@ -833,13 +833,13 @@ def test_access_line_per_request(http_backend, http_proxy):
         assert line.up in (len(build_request(method, target, body=b"" if method == "GET" else body)),
                            conns[target].rec.received), line.raw
     line = by_target["/bad"]
-    assert (line.client, line.status, line.term, line.server) == (bad_address, 400, "PR", "-"), line.raw
+    assert (line.client, line.status, line.term, line.server) == (bad_address, 400, "PR", "<NOSRV>"), line.raw
     assert (line.Tc, line.Tr) == (-1, -1), line.raw
     assert line.method == "GET", line.raw
 
 
-FORGED = ('2026-01-01T00:00:00.000Z proxyd[1]: 10.9.9.9:1 fe app/s1 "GET /forged HTTP/1.1" 200 '
-          'Tq=0 Tc=0 Tr=0 Tt=0 up=1 down=1 term=--').encode()
+FORGED = ('2026-01-01T00:00:00.000Z proxyd[1]: 10.9.9.9:1 [01/Jan/2026:00:00:00.000] fe app/s1 0/0/0/0/0 200 1 '
+          '- - ---- 1/1/1/1/0 0/0 "GET /forged HTTP/1.1" up=1').encode()
 
 
 def test_access_lines_cannot_be_forged_by_request_bytes(http_backend, http_proxy):
@@ -861,7 +861,8 @@ def test_access_lines_cannot_be_forged_by_request_bytes(http_backend, http_proxy
             resp = client.read_response()
             assert_own_error(resp, 505 if resp.status == 505 else 400)  # which one is not the point here
             client.rest_and_close()
-    wait_for(lambda: len(re.findall(r'" (?:400|505) Tq=', proxy.log_text())) >= len(attempts), 10,
+    rejected = r'\] fe fe/<NOSRV> -?\d+/-1/-1/-1/\d+ (?:400|505) '
+    wait_for(lambda: len(re.findall(rejected, proxy.log_text())) >= len(attempts), 10,
              "an access line for each rejected request")
 
     text = proxy.log_text()

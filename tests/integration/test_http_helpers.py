@@ -94,13 +94,21 @@ def test_client_rejects_bare_lf():
 
 
 def test_http_access_line_parser():
-    line = ('2026-01-01T00:00:00.000Z proxyd[42]: 127.0.0.1:5000 fe app/s1 "GET /a?x=1 HTTP/1.1" 200 '
-            'Tq=0 Tc=1 Tr=2 Tt=3 up=80 down=120 term=--')
+    line = ('2026-01-01T00:00:00.000Z proxyd[42]: 127.0.0.1:5000 [01/Jan/2026:00:00:00.000] fe app/s1 '
+            '0/0/1/2/3 200 120 - - ---- 1/1/1/1/0 0/0 "GET /a?x=1 HTTP/1.1" up=80')
     a = parse_http_access_line(line)
-    assert (a.pid, a.client, a.frontend, a.backend, a.server) == (42, "127.0.0.1:5000", "fe", "app", "s1")
-    assert (a.method, a.target, a.status, a.Tq, a.Tc, a.Tr, a.Tt, a.up, a.down, a.term) == \
-        ("GET", "/a?x=1", 200, 0, 1, 2, 3, 80, 120, "--")
-    bad = parse_http_access_line('2026-01-01T00:00:00.000Z proxyd[42]: 127.0.0.1:5000 fe -/- "GET /b HTTP/1.1" '
-                                 '400 Tq=0 Tc=-1 Tr=-1 Tt=0 up=0 down=90 term=PR err=x')
-    assert (bad.backend, bad.server, bad.status, bad.term, bad.err) == ("-", "-", 400, "PR", "x")
+    assert (a.pid, a.client, a.date, a.frontend, a.backend, a.server) == \
+        (42, "127.0.0.1:5000", "01/Jan/2026:00:00:00.000", "fe", "app", "s1")
+    assert (a.method, a.target, a.status, a.Tq, a.Tw, a.Tc, a.Tr, a.Tt, a.up, a.down, a.term, a.state) == \
+        ("GET", "/a?x=1", 200, 0, 0, 1, 2, 3, 80, 120, "--", "----")
+    assert (a.ac, a.fc, a.bc, a.sc, a.rc, a.sq, a.bq, a.err) == (1, 1, 1, 1, 0, 0, 0, None)
+    bad = parse_http_access_line('2026-01-01T00:00:00.000Z proxyd[42]: 127.0.0.1:5000 [01/Jan/2026:00:00:00.000] '
+                                 'fe fe/<NOSRV> 0/-1/-1/-1/0 400 90 - - PR-- 1/1/0/0/0 0/0 "GET /b HTTP/1.1" '
+                                 'up=0 err=x y')
+    assert (bad.backend, bad.server, bad.status, bad.term, bad.state, bad.err) == \
+        ("fe", "<NOSRV>", 400, "PR", "PR--", "x y")
+    assert (bad.Tw, bad.Tc, bad.Tr) == (-1, -1, -1)
+    # The old layout is not an access line any more.
+    assert parse_http_access_line('2026-01-01T00:00:00.000Z proxyd[42]: 127.0.0.1:5000 fe app/s1 "GET /a HTTP/1.1" '
+                                  '200 Tq=0 Tc=1 Tr=2 Tt=3 up=80 down=120 term=--') is None
     assert parse_http_access_line("2026-01-01T00:00:00.000Z proxyd[42]: master started") is None

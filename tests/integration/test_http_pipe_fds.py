@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests import tagged
-from tests.http_support import http_config
+from tests.http_support import http_access_lines, http_config
 from tests.support import free_port, wait_for
 from tests.tagged import DOWN, describe, fd_kinds, http_head, settle
 
@@ -41,7 +41,8 @@ class Sessions:
 
     def _logged(self, n: int = 1) -> None:
         self.lines += n
-        wait_for(lambda: self.proxy.log_text().count(" term=") >= self.lines, 10, f"{self.lines} access lines",
+        wait_for(lambda: len(http_access_lines(self.proxy)) + len(self.proxy.access_lines()) >= self.lines, 10,
+                 f"{self.lines} access lines",
                  interval=0.002)
 
     def client_reset_download(self) -> None:

@@ -24,7 +24,7 @@ import threading
 import pytest
 
 from tests import tagged
-from tests.http_support import HTTPClient, http_config
+from tests.http_support import HTTPClient, http_access_lines, http_config
 from tests.support import free_port, ss, wait_for
 from tests.tagged import DOWN, RECORD, UP, Plan, TaggedBackend, describe, http_head, http_request, stream
 
@@ -33,6 +33,12 @@ BIG = 64 * MiB       # more than every buffer on the path: the transfer stalls
 FOLLOWING = 5        # sessions checked after the aborted one
 
 SPLICE = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
+
+
+def logged_terms(proxy) -> set[str]:
+    """The first characters of the termination states of every access line
+    (HTTP requests and TCP sessions: an upgraded request's tunnel)."""
+    return {a.term[0] for a in http_access_lines(proxy)} | {a.term[0] for a in proxy.access_lines()}
 
 
 # ------------------------------------------------------------------ stalls
@@ -238,7 +244,7 @@ def test_http_client_reset_mid_download_leaks_nothing(splice, tagged_backend, pr
         wait_for(lambda: stalled(proxy.port, server.port, DOWN), 10, "the proxy to hold response bytes")
     finally:
         tagged.reset(client)
-    wait_for(lambda: "term=C" in proxy.log_text(), 10, "the aborted request's access line")
+    wait_for(lambda: "C" in logged_terms(proxy), 10, "the aborted request's access line")
 
     http_following_exchanges(proxy, server, 0xC0000100)
 
@@ -256,7 +262,7 @@ def test_http_server_reset_mid_upload_leaks_nothing(splice, tagged_backend, prox
         sender.start()
         sender.join(15)
         assert not sender.is_alive(), "the upload neither finished nor failed"
-    wait_for(lambda: "term=S" in proxy.log_text(), 10, "the aborted request's access line")
+    wait_for(lambda: "S" in logged_terms(proxy), 10, "the aborted request's access line")
     assert not server.problems(), server.problems()
 
     http_following_exchanges(proxy, server, 0xD0000100)
@@ -280,6 +286,6 @@ def test_http_upgraded_client_reset_mid_download_leaks_nothing(splice, tagged_ba
         wait_for(lambda: stalled(proxy.port, server.port, DOWN), 10, "the proxy to hold tunnelled bytes")
     finally:
         tagged.reset(client)
-    wait_for(lambda: "term=C" in proxy.log_text(), 10, "the tunnel's access line")
+    wait_for(lambda: "C" in logged_terms(proxy), 10, "the tunnel's access line")
 
     http_following_exchanges(proxy, server, 0xE0000100)

@@ -181,7 +181,7 @@ def test_long_session_survives_reloads(backend, tcp_proxy):
     rec = echo.wait_done(1)[0]
     assert (rec.received, rec.sent) == (sent, sent)
     line = [a for a in proxy.wait_access_lines(1) if a.pid == old.pid]
-    assert len(line) == 1 and line[0].term == "CD", [a.raw for a in proxy.access_lines()]
+    assert len(line) == 1 and (line[0].term, line[0].fin) == ("--", "client"), [a.raw for a in proxy.access_lines()]
     assert (line[0].up, line[0].down) == (sent, sent), line[0].raw
 
 

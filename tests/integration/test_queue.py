@@ -151,7 +151,7 @@ def test_queue_timeout_answers_503_in_http_and_closes_in_tcp_with_sQ(backend, pr
     assert not errors, errors[:3]
     assert sorted(g.startswith(b"echo:") for g in got) == [False, False, False, True], got
     assert all(g in (b"", b"<reset>") for g in got if not g.startswith(b"echo:")), got
-    wait_for(lambda: q.log_text().count("term=sQ") >= 3, 10, "three access lines with term=sQ")
+    wait_for(lambda: sum(a.term == "sQ" for a in q.access_lines()) >= 3, 10, "three access lines with term sQ")
 
 
 def test_leastconn_counts_the_sessions_of_every_worker(backend, proxyd):
