@@ -41,6 +41,7 @@ import time
 
 from proxyd.accesslog import NOSRV, accept_date, tcp_state
 from proxyd.balance import QUEUE
+from proxyd.counters import exchange_ended
 from proxyd.loop import IN, OUT, TROUBLE
 
 CONNECTING, RELAYING, ACK_WAIT, CLOSED = "connecting", "relaying", "ack-wait", "closed"
@@ -625,6 +626,8 @@ class TcpSession:
             up.close()
             down.close()
         self.worker.session_closed(self)
+        exchange_ended(self.frontend, self.backend, self.tried, self.connect_ms >= 0,
+                       up.moved if up else 0, down.moved if down else 0, self.term or "--", self.err)
         self._log()
         # Break the cycle of the bound methods kept for epoll: the session is
         # then freed by refcount, without work for the garbage collector.

@@ -22,6 +22,7 @@ import termios
 import time
 
 from proxyd.accesslog import NOSRV, accept_date, http_state
+from proxyd.counters import exchange_ended
 from proxyd.http.errors import builtin_page
 from proxyd.http.parser import (ChunkedDecoder, HttpError, Message, forwarded_head, host_without_port,
                                 parse_request, parse_response, request_path, same_authority,
@@ -828,7 +829,15 @@ class HttpSession:
         # entry pops), not left for the garbage collector's full passes.
         self.on_client = self.on_server = None
 
+    def _count(self) -> None:
+        x = self.x
+        up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
+        down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
+        exchange_ended(self.frontend, x.backend, self.tried, x.connected_at >= 0, up, down, self.term or "--",
+                       self.err, x.status)
+
     def _log(self) -> None:
+        self._count()
         # The request's line in HAProxy's httplog layout (proxyd/accesslog.py).
         x = self.x
         now = self.loop.now
