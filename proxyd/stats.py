@@ -203,6 +203,9 @@ PROXY_METRICS = {
         ("http_responses_total", "counter", "Total number of HTTP responses, by status class."),
     ),
 }
+WORKER_METRICS = (("resident_memory_bytes", "rss_bytes", "Resident memory of the worker."),
+                  ("cpu_seconds_total", "cpu_seconds", "CPU time (user and system) of the worker."),
+                  ("open_fds", "open_fds", "Open file descriptors of the worker."))
 SERVER_STATES = ("DOWN", "UP", "MAINT", "DRAIN", "NOLB")
 CHECK_STATES = ("L4OK", "L4TOUT", "L4CON", "L7OK", "L7TOUT", "L7RSP", "L7STS")
 SINCE = {"check_last_change_seconds", "last_session_seconds"}   # stored as a time, exported as an age
@@ -246,9 +249,7 @@ def metrics(snap: dict) -> str:
            [((), sum(f["http_requests_total"] for f in frontends))])
     family("process_build_info", "gauge", "Build information.", [((("version", process["version"]),), 1)])
     workers = snap["workers"]
-    for name, key, text in (("resident_memory_bytes", "rss_bytes", "Resident memory of the worker."),
-                            ("cpu_seconds_total", "cpu_seconds", "CPU time (user and system) of the worker."),
-                            ("open_fds", "open_fds", "Open file descriptors of the worker.")):
+    for name, key, text in WORKER_METRICS:
         kind = "counter" if name.endswith("_total") else "gauge"
         family(f"worker_{name}", kind, text, [((("worker", w["worker"]), ("generation", w["generation"]),
                                                  ("pid", w["pid"])), w[key]) for w in workers])
