@@ -829,22 +829,17 @@ class HttpSession:
         # entry pops), not left for the garbage collector's full passes.
         self.on_client = self.on_server = None
 
-    def _count(self) -> None:
-        x = self.x
-        up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
-        down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
-        exchange_ended(self.frontend, x.backend, self.tried, x.connected_at >= 0, up, down, self.term or "--",
-                       self.err, x.status)
-
     def _log(self) -> None:
-        self._count()
-        # The request's line in HAProxy's httplog layout (proxyd/accesslog.py).
+        """The request is over: count it, and write its line in HAProxy's
+        httplog layout (proxyd/accesslog.py)."""
         x = self.x
         now = self.loop.now
         # Bytes as delivered: what left our buffers and pumps, not what was queued.
         up = self.to_server.sent + (x.up.moved if x.up is not None else 0)
         down = self.to_client.sent + (x.down.moved if x.down is not None else 0) + x.own_page
         self.to_server.sent = self.to_client.sent = 0
+        exchange_ended(self.frontend, x.backend, self.tried, x.connected_at >= 0, up, down, self.term or "--",
+                       self.err, x.status)
         backend, tried, head_at = x.backend, self.tried, x.head_at
         # Tw: -1 for a request that never reached a server choice (refused,
         # or no server usable); the wait in the queue, known exactly with
