@@ -58,7 +58,12 @@ Invariants (Result.violations, each with the session's index and plan):
   workers checked must have served at least 20 sessions (from the access
   log), so that the check cannot pass by having seen nothing;
 * no Traceback (nor any other sign of trouble: a death, a respawn, a kill,
-  a failed reload, max_draining reached) in the log.
+  a failed reload, max_draining reached) in the log;
+* counters: once every session has ended, each proxy's /stats (its
+  stats_bind) agrees with what its clients and servers counted, per
+  frontend: sessions, bytes each way, HTTP requests and responses by status
+  class, exactly where the kernel makes it exact and otherwise within what
+  resets can have destroyed (check_counters).
 
 A session that overlapped a stall of this process itself (the loop late by
 more than LAG_LIMIT, e.g. a starved CI box) is excused from the "whole"
@@ -108,6 +113,7 @@ import collections
 import datetime
 import errno
 import fcntl
+import json
 import math
 import os
 import random
@@ -124,6 +130,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxyd.http.errors import REASONS, builtin_page
 from tests import support
 from tests.http_support import http_config
 from tests.support import LOCALHOST
@@ -137,6 +144,10 @@ LAG_LIMIT = 1.0          # this loop late by more than this: sessions then are e
 MAX_DRAINING = 4         # max_draining in the config; reloads wait while 3 generations drain
 MAX_INTERIM = 16         # proxyd relays at most this many 1xx per response
 HEAD_PREFIX = re.compile(rb"[0-9a-f]{0,8}|[0-9a-f]{8}U0{0,12}")  # the start of any session's stream
+# The most bytes proxyd can put before a client per request beyond what the server sent:
+# one of its own answers (no answer carries both a relayed head and one of these), which
+# is also more than a relayed head grows by (a Connection and a framing line at most).
+PAGE_MOST = max(len(builtin_page(status)) for status in REASONS)
 
 # --server-chaos
 CHAOS_SERVERS = 3        # servers per backend
@@ -608,6 +619,9 @@ class Wire:
         self.steps = pace.steps() if pace is not None and pace.kind == "slow" else None
         self.closed = False
         self.send_error = ""    # a send that failed: a reset seen by a send is not seen by recv
+        # For the comparison with proxyd's counters: bytes read from the socket, bytes of
+        # sends that succeeded, and of the one that failed (some of it may have gone).
+        self.received = self.sent = self.unsure = 0
 
     async def fill(self, size: int = READ) -> bool:
         """Read more into buf; False (and self.end) at EOF or an error."""
@@ -628,6 +642,7 @@ class Wire:
         if not data:
             self.end = "eof"
             return False
+        self.received += len(data)
         self.buf += data
         if pause:
             await asyncio.sleep(pause)
@@ -661,10 +676,23 @@ class Wire:
     async def send(self, data) -> bool:
         try:
             await self.loop.sock_sendall(self.sock, data)
+            self.sent += len(data)
             return True
         except OSError as e:
+            self.unsure += len(data)
             self.send_error = self.send_error or errno.errorcode.get(e.errno, str(e.errno))
             return False
+
+    @property
+    def sent_most(self) -> int:
+        """The most this side can have put on the wire."""
+        return self.sent + self.unsure
+
+    @property
+    def clean_end(self) -> bool:
+        """The peer's FIN came and no send met a reset: everything the peer
+        wrote before it arrived here, and was read (nothing a reset destroyed)."""
+        return self.end == "eof" and not self.send_error
 
     @property
     def ending(self) -> str:
@@ -787,6 +815,7 @@ class Result:
     notes: list = field(default_factory=list)
     wall: float = 0.0
     logs: list = field(default_factory=list)
+    counters: list = field(default_factory=list)    # check_counters' figures, a line per frontend
 
     @property
     def failed_sessions(self) -> set:
@@ -816,6 +845,7 @@ class Result:
             "  http servers: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("http_s_")),
             "  http outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s.items()) if k.startswith("http_o_")),
         ]
+        lines += [f"  counters: proxyd vs workload: {line}" for line in self.counters]
         if o.server_chaos:
             lines += [
                 (f"  server chaos: deaths {s['sc_die']}, blips {s['sc_blip']}, check flaps {s['sc_flap']}, "
@@ -849,6 +879,11 @@ class Result:
             for log in self.logs:
                 lines.append(f"  proxyd log: {log}")
         return "\n".join(lines)
+
+
+def status_class(status: int) -> str:
+    """The class proxyd's http_responses_total counts STATUS under."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
 def fmt_bytes(n: int) -> str:
@@ -904,6 +939,12 @@ class Engine:
         self.accepts: dict = {}
         self.late_ticks: list = []
         self.tcp_sessions = (array("q"), array("q"), array("d"), array("d"))
+        # What clients and servers counted, for proxyd's counters (check_counters): per
+        # target (index in targets), and what no session can be told of, per listener mode.
+        self.counted: dict = collections.defaultdict(collections.Counter)
+        self.unattributed = collections.Counter()
+        self.flows: dict = {}                  # ("tcp", sid) | ("http", index) -> the sides reported so far
+        self.head_growth = 0                   # the most proxyd added to a request head on its way
 
     # ------------------------------------------------------------ bookkeeping
     def violation(self, kind: str, index: int, text: str, plan=None, sid: int = -1) -> None:
@@ -942,6 +983,70 @@ class Engine:
     def _track_peak(self) -> None:
         self.peak_pool = max(self.peak_pool, self.running + self.server_open)
         self.stats["peak"] = max(self.stats["peak"], self.running)
+
+    # ------------------------------------------------------------ what proxyd's counters must say
+    def flow_side(self, key: tuple, plan, side: str, figures: tuple) -> None:
+        """One side of a TCP session (KEY ("tcp", sid)) or of an HTTP client
+        connection (("http", index)) is done.  The client: (at most sent,
+        received, ended clean[, final answers seen, interrupted]); a server
+        connection: tcp (received, at most sent, ended clean), http (request
+        k, received, the whole request read, at most sent).  A TCP session is
+        settled once both sides are in; an HTTP connection once its client is
+        done and its servers surely are (prune), or at the end."""
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self.flows[key] = {"plan": plan, "servers": [], "client": None, "done": 0.0}
+        if side == "client":
+            flow["client"], flow["done"] = figures, time.monotonic()
+        else:
+            flow["servers"].append(figures)
+        if key[0] == "tcp" and flow["client"] is not None and flow["servers"]:
+            self._settle(key)
+
+    def _settle(self, key: tuple) -> None:
+        """Add a finished session's figures to counted[its target]:
+        client_got and server_got (bytes the clients and servers read),
+        and the slack, in each direction, of what a reset may have destroyed
+        after proxyd delivered it (see check_counters)."""
+        flow = self.flows.pop(key)
+        plan, servers = flow["plan"], flow["servers"]
+        c = self.counted[plan.target]
+        client = flow["client"] or (0, 0, False, 0, True)
+        c_sent, c_got, c_clean = client[:3]
+        s_got = sum(s[1 if key[0] == "http" else 0] for s in servers)
+        c["client_got"] += c_got
+        c["server_got"] += s_got
+        if key[0] == "tcp":
+            s_sent = sum(s[1] for s in servers)
+            if not (servers and all(s[2] for s in servers)):
+                c["slack_in"] += max(0, c_sent - s_got)
+            if not c_clean:
+                c["slack_out"] += max(0, s_sent - c_got)
+            return
+        offset = started = 0
+        for k, req in enumerate(plan.reqs):
+            n = req.wire_len()
+            mine = min(max(c_sent - offset, 0), n)     # the client's bytes of request k, at most
+            offset += n
+            if not mine:
+                break
+            started += 1
+            got = [s for s in servers if s[0] == k]
+            if not any(s[2] for s in got):
+                c["slack_in"] += max(0, mine + self.head_growth - sum(s[1] for s in got))
+        if not c_clean:
+            c["slack_out"] += max(0, sum(s[3] for s in servers) + PAGE_MOST * started - c_got)
+        if client[4]:
+            c["unseen"] += max(0, started - client[3])
+
+    def settle_flows(self, older_than: float = 0.0) -> None:
+        """Settle what is left whose client was done more than OLDER_THAN
+        seconds ago (longer than any server connection lasts: HTTP
+        connections, TCP sessions no server saw); 0: everything."""
+        now = time.monotonic()
+        for key in [k for k, f in self.flows.items()
+                    if not older_than or (f["client"] is not None and now - f["done"] > older_than)]:
+            self._settle(key)
 
     # ------------------------------------------------------------ servers
     async def serve(self, lsock: socket.socket, mode: str) -> None:
@@ -1038,6 +1143,7 @@ class Engine:
                     self.violation("prefix", -1, f"tcp server: {len(data)} B that start no session's stream: "
                                                  f"{data!r}")
                 self.stats["tcp_server_anonymous"] += 1
+                self.unattributed["tcp"] += wire.received
                 return
         m = HEADER.match(wire.buf)
         sid = int(m[1], 16) if m else -1
@@ -1047,6 +1153,7 @@ class Engine:
             self.violation("prefix", plan.index if plan is not None else -1,
                            f"tcp server: the first bytes are not the start of a tcp session's stream: {data[:64]!r}; "
                            f"records: {records_in(data)}")
+            self.unattributed["tcp"] += wire.received
             return
         self._seen_sid(sid, plan.index)
         self._accepted(server, plan, sid, at)
@@ -1103,6 +1210,7 @@ class Engine:
             wire.buf.clear()
             self.stats["bytes_server_got"] += check.offset
             self.stats["bytes_server_sent"] += sent[0]
+            self.flow_side(("tcp", sid), plan, "server", (wire.received, wire.sent_most, wire.clean_end))
             if check.bad:
                 self.violation("prefix", index, f"tcp server side: {check.bad}")
             if check.offset > plan.up:
@@ -1119,6 +1227,7 @@ class Engine:
                 self.violation("protocol", -1, f"http server: connection ended inside a request head: "
                                                f"{bytes(wire.buf[:100])!r}")
             self.stats["http_server_no_request"] += 1
+            self.unattributed["http"] += wire.received
             return
         (first, headers) = parse_head(head)
         if len(first) != 3 or first[2] != b"HTTP/1.1":
@@ -1129,6 +1238,7 @@ class Engine:
         plan, k = self.planner.by_sid(int(m[1], 16)) if m else (None, 0)
         if plan is None or plan.mode != "http":
             self.violation("prefix", -1, f"http server: a request of no http session: {head[:200]!r}")
+            self.unattributed["http"] += wire.received
             return
         req = plan.reqs[k]
         index, sid = plan.index, req.sid
@@ -1169,6 +1279,9 @@ class Engine:
                 self.violation("prefix", index, f"request {k}: server got {check.offset} body bytes of {req.up}")
             record.body, record.complete = check.offset, body.done
             record.excused = self.excused(started)
+            self.head_growth = max(self.head_growth, len(head) - len(req.head()))
+            self.flow_side(("http", index), plan, "server",
+                           (k, wire.received, body.done and check.offset == req.up, wire.sent_most))
             self._http_server_done(record)
 
     async def _http_act(self, wire: Wire, req: Req, act: ServerAct, body: BodyReader, sent: list) -> None:
@@ -1335,6 +1448,7 @@ class Engine:
             wire.buf.clear()
             self.stats["bytes_client_sent"] += sent[0]
             self.stats["bytes_client_got"] += check.offset
+            self.flow_side(("tcp", sid), plan, "client", (wire.sent_most, wire.received, wire.clean_end))
             self.stats[f"tcp_c_{client}"] += 1
             self.stats[f"tcp_s_{plan.server}"] += 1
         index = plan.index
@@ -1357,7 +1471,7 @@ class Engine:
         info = HttpClientInfo()
         loop = asyncio.get_running_loop()
         done = [asyncio.Event() for _ in plan.reqs]
-        state = {"up_stall": None, "over": False}
+        state = {"up_stall": None, "over": False, "answers": 0, "all_read": False}
         sent = [0]
         got = [0]
         reset_now = asyncio.Event()
@@ -1390,6 +1504,7 @@ class Engine:
                 done[j].set()
                 if outcome == "reset" or outcome == "closed":
                     return
+            state["all_read"] = True
             # Every answer came and the connection is open.
             if plan.end in ("half_close", "idle"):
                 data = await wire.take(READ)
@@ -1430,6 +1545,10 @@ class Engine:
             await cancel(rt, wt, rs)
             self.stats["bytes_client_sent"] += sent[0]
             self.stats["bytes_client_got"] += got[0]
+            # Every answer read whole, nothing of ours in the way: proxyd had nothing more to send.
+            clean = wire.clean_end or (state["all_read"] and not info.interrupted)
+            self.flow_side(("http", plan.index), plan, "client",
+                           (wire.sent_most, wire.received, clean, state["answers"], info.interrupted))
             self.stats["requests"] += len(plan.reqs)
             self.stats[f"http_e_{plan.end}"] += 1
             for req in plan.reqs:
@@ -1459,6 +1578,8 @@ class Engine:
                 if interims > MAX_INTERIM:
                     self.violation("protocol", index, f"answer {j}: more than {MAX_INTERIM} 1xx relayed")
                 continue
+            state["answers"] += 1
+            self.counted[plan.target][status_class(status)] += 1
             break
         down_action = plan.end in ("reset_down", "stall_down") and plan.end_req == j
 
@@ -1584,6 +1705,7 @@ class Engine:
                 return
             wire = Wire(sock, plan.read_pace if mode == "http" else None)
             self._ports[index] = sock.getsockname()[1]
+            self.counted[plan.target]["connections"] += 1
             run = self.tcp_client if mode == "tcp" else self.http_client
             await self._bounded(run(plan, wire, started), plan, port, sock.getsockname()[1])
             clean = True
@@ -1660,7 +1782,9 @@ class Engine:
             await asyncio.wait(running)
 
     def prune(self, keep: int = 20_000) -> None:
-        """Forget the oldest finished clients (and the sids seen) beyond KEEP."""
+        """Forget the oldest finished clients (and the sids seen) beyond KEEP;
+        settle the HTTP connections no server connection can be left of."""
+        self.settle_flows(self.server_bound() + 10)
         if len(self.http_clients) > 2 * keep:
             for index in sorted(self.http_clients)[:-keep]:
                 del self.http_clients[index]
@@ -1819,11 +1943,13 @@ class LogWatch:
 
 
 def proxy_config(tcp_port, http_port, tcp_servers, http_servers, options: Options, splice: bool,
-                 hc_port=0, hc_servers=(), admin_socket: str = "") -> dict:
+                 hc_port=0, hc_servers=(), admin_socket: str = "", stats_port: int = 0) -> dict:
     t = options.timeouts
     glob = {"splice": splice, "grace": "60s", "max_draining": MAX_DRAINING}
     if admin_socket:
         glob["admin_socket"] = admin_socket
+    if stats_port:
+        glob["stats_bind"] = f"{LOCALHOST}:{stats_port}"
     # --server-chaos: every backend's servers are checked.
     checks = {m: {"health_check": dict(c)} if options.server_chaos else {} for m, c in HEALTH_CHECKS.items()}
     defaults = {"timeout_client": t.client, "timeout_server": t.server, "timeout_fin": t.fin,
@@ -1932,6 +2058,7 @@ class ProxySet:
         self.ports_of = []       # per proxy: its frontend ports
         self.baseline = []       # per proxy: (non-pipe fds but listeners, pipe fds) of a fresh worker
         self.admin_paths = []    # per proxy: its admin socket (--server-chaos)
+        self.stats_ports = []    # per proxy: its stats listener's port
         self.tcp_servers, self.http_servers, self.hc_servers = tcp_servers, http_servers, hc_servers
 
     def _admin_path(self, i: int) -> str:
@@ -1950,8 +2077,9 @@ class ProxySet:
             hc_port = support.free_port() if "tcp" in modes and self.options.half_close else 0
             admin = self._admin_path(i) if self.options.server_chaos else ""
             self.admin_paths.append(admin)
+            self.stats_ports.append(support.free_port())
             config = proxy_config(tcp_port, http_port, self.tcp_servers, self.http_servers, self.options, splice,
-                                  hc_port, self.hc_servers, admin)
+                                  hc_port, self.hc_servers, admin, self.stats_ports[-1])
             path = support.write_config(self.workdir, config, f"chaos{i}.toml")
             proxy = support.Proxyd(path, self.workdir / f"chaos{i}.log")
             self.proxies.append(proxy)
@@ -2088,6 +2216,117 @@ class ProxySet:
                 result.violations.append(Violation("log", -1, f"proxyd {i} log: {line}"))
             if len(watch.problems) > 20:
                 result.violations.append(Violation("log", -1, f"proxyd {i} log: {len(watch.problems) - 20} more"))
+
+
+# ------------------------------------------------------------------ counters
+
+FRONTENDS = {"tcp": "fe_tcp", "http": "fe_http", "tcp_hc": "fe_tcp_hc"}   # listeners' mode -> frontend name
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def fetch_stats(port: int) -> dict:
+    import http.client
+    conn = http.client.HTTPConnection(LOCALHOST, port, timeout=10)
+    try:
+        conn.request("GET", "/stats")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"GET /stats: {response.status} {body[:200]!r}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def check_counters(result: Result, proxies: ProxySet, engine: Engine) -> None:
+    """Once every session has ended: each proxy's counters (GET /stats,
+    once) against what its clients and servers counted, per frontend.
+
+    * sessions_total == the client connections that connected, exactly: a
+      handshake the kernel completed is accepted by a worker (the master
+      keeps a retired slot's listeners, so nothing queued is reset), also
+      when the client reset at once (Linux's accept() returns it); tcp: the
+      backend's sessions_total is the same number.
+    * bytes: proxyd counts what it delivered, into a socket's send queue.
+      What a peer read, it delivered: received <= counted, exactly.  What a
+      peer did not read was destroyed by a reset (or the peer stopped
+      reading and reset it); only where its connection did not end clean (a
+      FIN, every byte before it read, no send that met a reset) can that
+      be, and then at most what the other side sent and this one did not
+      read (http: per request not read whole, the client's bytes of it plus
+      the most proxyd adds to a request head; per client connection, the
+      servers' bytes and PAGE_MOST per request).  counted - received <=
+      that slack.  Across proxies, per mode, the bytes servers read of no
+      known session (under 22 B of a tcp stream, part of a request head)
+      count too.
+    * http: requests by the class of the status sent, against the final
+      answers clients read: never fewer; more only by the answers that
+      clients which reset or stalled sent for and never read (per such
+      client: requests it sent a byte of, minus final answers it read);
+      http_requests_total is the sum of the classes."""
+    engine.settle_flows()
+    by_mode = collections.defaultdict(lambda: [0, 0])     # tcp | http -> [proxyd's bytes_in, servers' bytes]
+
+    def disagree(text: str) -> None:
+        result.violations.append(Violation("counters", -1, text))
+
+    for i, port in enumerate(proxies.stats_ports):
+        try:
+            stats = fetch_stats(port)
+        except (OSError, ValueError) as e:
+            disagree(f"proxyd {i}: GET /stats on :{port} failed: {e!r}")
+            continue
+        frontends = {f["name"]: f for f in stats.get("frontends", [])}
+        backends = {b["name"]: b for b in stats.get("backends", [])}
+        for t, (p, mode, _) in enumerate(proxies.targets):
+            if p != i:
+                continue
+            name, c = FRONTENDS[mode], engine.counted[t]
+            f, b = frontends.get(name), backends.get(BACKENDS[mode])
+            if f is None or b is None:
+                disagree(f"proxyd {i}: /stats has no {name} or {BACKENDS[mode]}")
+                continue
+            where = f"proxyd {i} {name}"
+            sessions, bytes_in, bytes_out = f["sessions_total"], f["bytes_in_total"], f["bytes_out_total"]
+            if sessions != c["connections"]:
+                disagree(f"{where}: sessions_total {sessions}, the clients connected {c['connections']} times")
+            if mode != "http" and b["sessions_total"] != sessions:
+                disagree(f"proxyd {i} {b['name']}: sessions_total {b['sessions_total']}, its frontend's {sessions}")
+            if not c["server_got"] <= bytes_in <= c["server_got"] + c["slack_in"]:
+                disagree(f"{where}: bytes_in_total {bytes_in}, the servers read {c['server_got']} of its sessions "
+                         f"(a reset may have destroyed {c['slack_in']} more after delivery)")
+            if not c["client_got"] <= bytes_out <= c["client_got"] + c["slack_out"]:
+                disagree(f"{where}: bytes_out_total {bytes_out}, its clients read {c['client_got']} "
+                         f"(a reset may have destroyed {c['slack_out']} more after delivery)")
+            by_mode["http" if mode == "http" else "tcp"][0] += bytes_in
+            line = (f"{where}: sessions {sessions} vs {c['connections']}; bytes in {bytes_in} vs {c['server_got']} "
+                    f"read by servers (+{c['slack_in']} slack), out {bytes_out} vs {c['client_got']} read by "
+                    f"clients (+{c['slack_out']} slack)")
+            if mode == "http":
+                counted = f["http_responses_total"]
+                excess = 0
+                for k in CLASSES:
+                    if counted.get(k, 0) < c[k]:
+                        disagree(f"{where}: http_responses_total {k} {counted.get(k, 0)}, clients read {c[k]}")
+                    excess += counted.get(k, 0) - c[k]
+                if excess > c["unseen"]:
+                    disagree(f"{where}: {excess} more responses counted than clients read "
+                             f"({', '.join(f'{k} {counted.get(k, 0)}/{c[k]}' for k in CLASSES)}), "
+                             f"only {c['unseen']} went unread by clients that reset or stalled")
+                if f["http_requests_total"] != sum(counted.values()):
+                    disagree(f"{where}: http_requests_total {f['http_requests_total']}, its responses by class "
+                             f"add up to {sum(counted.values())}")
+                line += (f"; requests {f['http_requests_total']} vs {sum(c[k] for k in CLASSES)} answers read "
+                         f"(+{c['unseen']} unread by clients that reset or stalled): "
+                         + ", ".join(f"{k} {counted.get(k, 0)}/{c[k]}" for k in CLASSES if counted.get(k, 0) or c[k]))
+            result.counters.append(line)
+    for t, (_, mode, _) in enumerate(proxies.targets):
+        by_mode["http" if mode == "http" else "tcp"][1] += engine.counted[t]["server_got"]
+    for mode, (counted, read) in sorted(by_mode.items()):
+        read += engine.unattributed[mode]
+        if counted < read:
+            disagree(f"{mode}: the proxies' bytes_in_total add up to {counted}, their servers read {read} "
+                     f"({engine.unattributed[mode]} of them of no known session)")
 
 
 # ------------------------------------------------------------------ a run
@@ -2919,6 +3158,7 @@ class Chaos:
                                          f"sessions, {tw} TIME_WAIT towards its servers (allowed there)")
             proxies.check_workers(self.result, engine.peak_pool)
             proxies.check_logs(self.result)
+            check_counters(self.result, proxies, engine)
             if self.driver is not None:
                 self.result.notes += self.driver.notes
                 check_server_chaos(self.result, proxies, engine, self.driver)

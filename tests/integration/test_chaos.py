@@ -8,7 +8,9 @@ checks every invariant the
 module documents: prefixes of the peer's stream and nothing foreign on both
 sides, whole delivery where both peers were there for it, every session
 ended, no TIME_WAIT towards the servers, workers alive and their fds back to
-a fresh worker's, no Traceback in the log.  One more case runs with
+a fresh worker's, no Traceback in the log, and proxyd's counters (GET
+/stats) in agreement with what the clients and servers counted (sessions,
+bytes each way, HTTP responses by class: chaos.check_counters).  One more case runs with
 --server-chaos (health checks, admin sockets, servers dying and coming back,
 checks flapping, disable/drain/maint/set weight during the load) and its two
 invariants: no new session on a server more than a second after it was
