@@ -22,6 +22,9 @@ from proxyd.loop import IN, Loop
 from proxyd.shared import DOWN, MAINT, READY, STATE_NAMES, UNCHECKED, C
 
 
+STATS_FINISH = 2.0   # seconds a stopping control process gives the scrapes under way
+
+
 class Control:
     def __init__(self, config, log, shared, slot: int, admin_sock: socket.socket | None, stats_socks: dict,
                  info: dict):
@@ -62,6 +65,13 @@ class Control:
                       f"{len(self.checks)} servers checked"
                       f"{', admin socket ' + self.config.global_.admin_socket if self.admin_sock else ''}")
         while not self.stopping:
+            self.loop.run_once()
+        # A scrape under way when told to stop (a reload) gets its answer;
+        # new ones wait in the listener's backlog for the next control process.
+        for sock in self.stats_socks:
+            self.loop.remove(sock.fileno())
+        deadline = self.loop.now + STATS_FINISH
+        while self.stats_connections and self.loop.now < deadline:
             self.loop.run_once()
         for check in self.checks:
             if check.sock is not None:

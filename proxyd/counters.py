@@ -46,6 +46,7 @@ def exchange_ended(frontend, backend, tried: list, connected: bool, up: int, dow
     b[C.bytes_out] += down
     b[C.last_session] = now
     if status != -2:
+        b[C.http_requests] += 1
         b[_status_index(status)] += 1
     if err == "internal_error":
         b[C.internal_errors] += 1

@@ -347,10 +347,10 @@ class StatsConnection:
                 return self.close()
             self.inbuf += data
             end = self.inbuf.find(b"\r\n\r\n")
+            if end > MAX_HEAD or end < 0 and len(self.inbuf) > MAX_HEAD:
+                return self._respond(431, b"request head too large\n")
             if end >= 0:
                 return self._answer(bytes(self.inbuf[:end]))
-            if len(self.inbuf) > MAX_HEAD:
-                return self._respond(431, b"request head too large\n")
 
     def _answer(self, head: bytes) -> None:
         lines = head.split(b"\r\n")

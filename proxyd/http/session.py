@@ -584,6 +584,10 @@ class HttpSession:
         self.err = errno_name(e.err)
         x = self.x
         if e.side is self.client:
+            if self.state is WAIT_REQUEST and not self.inbuf:
+                # Between requests (or before the first byte of one): no
+                # request to log or count, as when the client closes there.
+                return self._close(linger=False)
             self.term = self.term or ("C" + self._phase())
             self._drop_server(reset=True)
             self._log()
