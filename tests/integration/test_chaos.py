@@ -478,6 +478,7 @@ def test_a_steady_slow_reader_gets_the_whole_answer_tcp(splice, short, backend, 
         pytest.fail(f"{got} of {SLOW_ANSWER} bytes, then {how}; {ended}")
 
 
+@pytest.mark.drill
 @SHORT
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 def test_a_steady_slow_reader_gets_the_whole_answer_http(splice, short, backend, proxyd):

@@ -759,6 +759,7 @@ def drive(role, tcp_port: int, http_port: int, count: int, concurrency: int = 8)
     return out
 
 
+@pytest.mark.drill
 def test_memory_steady_over_20000_sessions(role, proxyd):
     """One worker, a TCP frontend and an HTTP frontend (server-close) in
     front of the same backend: 20,000 TCP sessions (connect, HTTP/1.0
