@@ -47,7 +47,7 @@ class Control:
         self.server_counts = {record: shared.row(slot, record) for record in shared.servers.values()}
         self.backend_counts = {name: shared.row(slot, shared.proxy_object("backend", name))
                                for name in config.backends}
-        self.backend_down = {name: False for name in config.backends}
+        self.backend_down: dict[str, bool] = {}   # backend -> had no usable server at the last tick
         self.last_tick = 0.0
 
     def run(self) -> int:
@@ -108,7 +108,9 @@ class Control:
 
     def _count_downtime(self) -> None:
         """Once a second: the time each down server, and each backend with
-        no usable server, spent so since the last tick."""
+        no usable server, spent so since the last tick; and a backend's
+        transition to no usable server (not one seen at the first tick: that
+        is the state the previous control process left, and counted)."""
         now = self.loop.now
         elapsed = int((now - self.last_tick) * 1000) if self.last_tick else 0
         self.last_tick = now
@@ -120,7 +122,7 @@ class Control:
             down = self.servers_left(backend) == (0, 0)
             if elapsed and down:
                 self.backend_counts[backend.name][C.downtime_ms] += elapsed
-            if down and not self.backend_down[backend.name]:
+            if down and self.backend_down.get(backend.name) is False:
                 self.backend_counts[backend.name][C.check_up_down] += 1
             self.backend_down[backend.name] = down
 
