@@ -14,9 +14,11 @@ name, so a reader can tell a record from another.
 
 The regions, in order (offsets in LAYOUT):
 
-  HEADER     the master: high-water mark of process slots in use.
-  PROCS      one per process slot (workers and the control process): pid and
-             heartbeat, written by that process only.
+  HEADER     the master: high-water mark of process slots in use; FOLD_SEQ.
+  PROCESS    the master: its pid, start time, reloads, generation, workers.
+  PROCS      one per process slot (workers and the control process): its
+             heartbeat, written by that process only; its pid, generation
+             and worker number, written by the master once it has forked it.
   SERVERS    one per server record, written by the control process only once
              the record is live (the master writes it while no one else can
              see it: when it allocates or frees it): name, health state
@@ -53,7 +55,6 @@ so the bound errs on the safe side and is never exceeded.
              kept across reloads as server records are).  Totals never go
              back: a kept object keeps its row, and what a process counted
              outlives it.
-  PROCESS    the master: its pid, start time, reloads, generation, workers.
 """
 
 from __future__ import annotations
